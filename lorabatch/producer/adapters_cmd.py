@@ -1,0 +1,34 @@
+"""`lorabatch adapters [--check]`: list configured adapters; with --check, validate each against the base model."""
+
+from __future__ import annotations
+
+import click
+
+from lorabatch.schemas.settings import Settings
+
+
+def show_adapters(settings: Settings, *, check: bool) -> bool:
+    """Print one line per adapter. Returns False when --check found a problem."""
+    if not settings.adapters:
+        click.echo("no adapters configured; add them under [adapters] in lorabatch.toml")
+        return True
+    if not check:
+        for name in settings.adapters:
+            path = settings.adapter_dir(name)
+            click.echo(f"{name:<16} {path}{'' if path.exists() else '  (missing)'}")
+        return True
+    try:
+        from lorabatch.worker.adapters import AdapterManager
+    except ImportError as e:
+        from lorabatch.errors import UsageError
+
+        raise UsageError(f"--check needs the worker extra ({e.name} is missing): pip install 'lorabatch[worker]'") from e
+    ok = True
+    for name, info in AdapterManager.check_all(settings).items():
+        if info.get("problem"):
+            ok = False
+            click.echo(f"{name:<16} PROBLEM: {info['problem']}")
+        else:
+            click.echo(f"{name:<16} r={info['rank']} alpha={info['alpha']} targets={','.join(info['targets'])} "
+                       f"size={info['size_bytes'] / 1e6:.1f}MB  {info['path']}")
+    return ok

@@ -1,0 +1,109 @@
+"""Database tables (SQLAlchemy 2). The database is the source of truth for jobs and requests.
+
+A request's primary key is (job_id, idx), idx being its line number in the input (0-based).
+Queue messages carry only these references, so anything lost from Redis can be rebuilt here.
+Job rows keep running counts per request state, updated in the same transaction as the
+requests they count, so `status` never counts rows.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from lorabatch.schemas.states import JobState, RequestState
+
+
+def utcnow() -> datetime:
+    """Naive UTC: SQLite keeps no time zone, so every timestamp is stored and compared as UTC."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    __tablename__ = "lb_jobs"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED.value, index=True)
+    priority: Mapped[int] = mapped_column(Integer, default=5)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    source: Mapped[str | None] = mapped_column(String(500))
+    schedule: Mapped[str | None] = mapped_column(String(100), index=True)
+    """Name of the schedule that created this job, if any."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime())
+
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    n_queued: Mapped[int] = mapped_column(Integer, default=0)
+    n_running: Mapped[int] = mapped_column(Integer, default=0)
+    n_succeeded: Mapped[int] = mapped_column(Integer, default=0)
+    n_failed: Mapped[int] = mapped_column(Integer, default=0)
+    n_cancelled: Mapped[int] = mapped_column(Integer, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+
+    def counts(self) -> dict[str, int]:
+        """Requests per state, plus `total`."""
+        out = {s.value: getattr(self, f"n_{s.value}") for s in RequestState}
+        out["total"] = self.total
+        return out
+
+
+class Request(Base):
+    __tablename__ = "lb_requests"
+    __table_args__ = (
+        UniqueConstraint("job_id", "custom_id", name="uq_lb_requests_custom_id"),
+        Index("ix_lb_requests_state_claimed", "state", "claimed_at"),
+    )
+
+    job_id: Mapped[str] = mapped_column(String(40), ForeignKey("lb_jobs.id", ondelete="CASCADE"), primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    custom_id: Mapped[str] = mapped_column(String(200))
+    adapter: Mapped[str] = mapped_column(String(64))
+    prompt: Mapped[str | None] = mapped_column(Text)
+    messages: Mapped[list | None] = mapped_column(JSON)
+    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    """max_new_tokens, temperature, top_p, top_k, seed, stop."""
+
+    state: Mapped[str] = mapped_column(String(16), default=RequestState.QUEUED.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker_id: Mapped[str | None] = mapped_column(String(80))
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime())
+
+    output: Mapped[str | None] = mapped_column(Text)
+    finish_reason: Mapped[str | None] = mapped_column(String(16))
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class Worker(Base):
+    """One row per running worker process; its heartbeat tells whether its claims are still alive."""
+
+    __tablename__ = "lb_workers"
+
+    id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)
+    tokens_per_second: Mapped[float | None] = mapped_column(Float)

@@ -1,0 +1,149 @@
+"""The batched decode loop, in the gpt-fast style: left_pad -> prefill -> decode_step ... -> generate_batch.
+
+One batch of token-id prompts goes in; every row leaves with its own tokens and finish reason. Rows are
+left-padded, so every row's next token sits in the last column; position ids count real tokens only,
+which makes a padded row compute what it computes alone. Rows that finish are dropped from the batch and
+from the KV cache once a fair share of the batch has finished, so they stop costing compute.
+
+This module knows nothing about tokenizers, text, adapters or requests: whatever must change per row
+while rows are dropped (PEFT's per-row adapter names) is told through ``on_keep``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from lorabatch.worker.sampling import RowSampler, sample_next
+
+DROP_FRACTION = 0.125
+"""Finished rows are cut out of the batch and cache once they are this share of it (at least one row).
+A cut copies the cache once, about what one decode step appends; so waiting for 1/8 of the batch wastes
+at most 1/8 of a step's compute per step and keeps the copies rare."""
+
+
+@dataclass
+class Row:
+    """One sequence in the batch: its prompt, its limits, and what it generated so far."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    sampler: RowSampler = field(default_factory=RowSampler)
+    eos: frozenset[int] = frozenset()
+    is_stopped: Callable[[list[int]], bool] | None = None
+    """Called with the tokens so far after each new token: True when a stop string has been produced."""
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def append(self, token: int) -> bool:
+        """Record one generated token; True once the row is finished."""
+        if self.finish_reason is not None:
+            return True
+        self.tokens.append(token)
+        if token in self.eos or (self.is_stopped is not None and self.is_stopped(self.tokens)):
+            self.finish_reason = "stop"
+        elif len(self.tokens) >= self.max_new_tokens:
+            self.finish_reason = "length"
+        return self.finish_reason is not None
+
+
+def left_pad(prompts: list[list[int]], *, pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids, attention_mask: [B, S] with S the longest prompt; padding on the left."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        input_ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[i, width - len(prompt) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def cache_keyword(model: Any) -> str:
+    """transformers 5.x calls the KV cache argument ``cache``; 4.x called it ``past_key_values``."""
+    return _cache_keyword(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def new_cache(model: Any) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any) -> torch.Tensor:
+    """Run the whole prompts, fill the cache. input_ids, attention_mask: [B, S] -> logits of the last column: [B, V]."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, S]: padding never shifts a row
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=True,
+        logits_to_keep=1,  # the lm_head over every prompt position would be wasted work
+        **{cache_keyword(model): cache},
+    )
+    return out.logits[:, -1, :]
+
+
+def decode_step(
+    model: Any, tokens: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, cache: Any
+) -> torch.Tensor:
+    """One token per row. tokens, positions: [B, 1]; attention_mask: [B, S + 1] -> logits: [B, V]."""
+    out = model(
+        input_ids=tokens,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        use_cache=True,
+        **{cache_keyword(model): cache},
+    )
+    return out.logits[:, -1, :]
+
+
+def drop_threshold(active: int) -> int:
+    return max(1, math.ceil(active * DROP_FRACTION))
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: Any,
+    rows: list[Row],
+    *,
+    pad_id: int,
+    device: torch.device,
+    on_keep: Callable[[list[int]], None] | None = None,
+) -> list[Row]:
+    """Generate until every row is finished; fills each row's ``tokens`` and ``finish_reason`` in place.
+
+    ``on_keep(kept)`` is called with the positions (in the current batch) of the rows that stay whenever
+    finished rows are dropped.
+    """
+    input_ids, attention_mask = left_pad([r.prompt for r in rows], pad_id=pad_id, device=device)  # [B, S]
+    cache = new_cache(model)
+    logits = prefill(model, input_ids, attention_mask, cache)  # [B, V]
+    positions = attention_mask.sum(-1, keepdim=True)  # [B, 1]: the next token's position in each row
+    active = list(range(len(rows)))  # batch position -> index into rows
+    while True:
+        next_tokens = sample_next(logits, [rows[i].sampler for i in active])  # [b]
+        done = [j for j, token in enumerate(next_tokens.tolist()) if rows[active[j]].append(token)]
+        if len(done) == len(active):
+            return rows
+        if len(done) >= drop_threshold(len(active)):
+            kept = [j for j in range(len(active)) if j not in set(done)]
+            index = torch.tensor(kept, device=device)
+            cache.batch_select_indices(index)
+            attention_mask, positions, next_tokens = attention_mask[index], positions[index], next_tokens[index]
+            active = [active[j] for j in kept]
+            if on_keep is not None:
+                on_keep(kept)
+        ones = attention_mask.new_ones((attention_mask.shape[0], 1))
+        attention_mask = torch.cat([attention_mask, ones], dim=-1)  # [b, S + t + 1]
+        logits = decode_step(model, next_tokens[:, None], attention_mask, positions, cache)
+        positions = positions + 1

@@ -1,0 +1,202 @@
+"""A worker process: the engine loaded once, a loop that batches across messages, heartbeats,
+reconciliation, and a Celery worker (threads pool) feeding it.
+
+Celery threads each hold one message and block in `WorkerService.generate`; the single engine
+thread takes everything they hand in within a short gather window and runs it as one pool, so
+requests of many jobs that name the same adapter share batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from celery.signals import worker_shutting_down
+
+from lorabatch import lifecycle
+from lorabatch.producer.context import Context
+from lorabatch.producer.reconcile import reconcile
+from lorabatch.schemas.settings import Settings
+from lorabatch.worker import tasks
+from lorabatch.worker.tasks import ShuttingDown, with_db_retry
+
+log = logging.getLogger("lorabatch.worker")
+
+POOL_BATCHES = 4
+"""The engine takes at most this many batches' worth of rows per pool, so results flow back steadily."""
+
+
+@dataclass
+class _Pending:
+    requests: list
+    alone: bool
+    future: Future = field(default_factory=Future)
+
+
+class WorkerService:
+    """Everything one worker process owns besides Celery: engine, engine thread, heartbeat, reconcile."""
+
+    def __init__(self, settings: Settings, engine, *, context: Context | None = None):
+        self.settings = settings
+        self.context = context or Context(settings)
+        self.sessions = self.context.sessions
+        self.app = self.context.celery
+        self.engine = engine
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._inbox: queue.Queue[_Pending] = queue.Queue()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._tokens = 0
+        self._started = time.monotonic()
+
+    # ---- lifecycle
+
+    def start(self) -> None:
+        self._heartbeat()
+        self._reconcile()
+        for target, name in ((self._engine_loop, "engine"), (self._heartbeat_loop, "heartbeat"),
+                             (self._reconcile_loop, "reconcile")):
+            t = threading.Thread(target=target, name=f"lorabatch-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        """Stop taking work; pending requests are handed back by their tasks."""
+        self._stopping.set()
+
+    def close(self) -> None:
+        self.stop()
+        try:
+            with_db_retry(self, lambda s: lifecycle.forget_worker(s, self.worker_id), what="leaving")
+        finally:
+            self.context.close()
+
+    # ---- generation
+
+    def generate(self, requests: list, *, alone: bool = False) -> list:
+        """Called from Celery threads: queue the requests for the engine thread and wait for results."""
+        if self._stopping.is_set():
+            raise ShuttingDown()
+        pending = _Pending(requests, alone)
+        self._inbox.put(pending)
+        return pending.future.result()
+
+    def _engine_loop(self) -> None:
+        w = self.settings.worker
+        max_rows = w.max_batch_size * POOL_BATCHES
+        while True:
+            try:
+                first = self._inbox.get(timeout=0.2)
+            except queue.Empty:
+                if self._stopping.is_set():
+                    return
+                continue
+            if self._stopping.is_set():
+                self._drain(first)
+                continue
+            pool = [first]
+            rows = len(first.requests)
+            deadline = time.monotonic() + w.gather_seconds
+            while rows < max_rows and not first.alone:
+                try:
+                    item = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item.alone:
+                    self._inbox.put(item)  # runs in a pool of its own, next
+                    break
+                pool.append(item)
+                rows += len(item.requests)
+            if first.alone:
+                self._run([first], one_at_a_time=True)
+            else:
+                self._run(pool)
+
+    def _run(self, pool: list[_Pending], *, one_at_a_time: bool = False) -> None:
+        flat = [r for p in pool for r in p.requests]
+        try:
+            if one_at_a_time:  # a request that may have killed a worker fails alone, not with its batch
+                results = [res for r in flat for res in self.engine.generate([r])]
+            else:
+                results = self.engine.generate(flat)
+        except BaseException as e:  # handed to the task threads, which own error handling
+            for p in pool:
+                p.future.set_exception(e)
+            return
+        self._tokens += sum(r.completion_tokens for r in results)
+        i = 0
+        for p in pool:
+            p.future.set_result(results[i : i + len(p.requests)])
+            i += len(p.requests)
+
+    def _drain(self, first: _Pending) -> None:
+        first.future.set_exception(ShuttingDown())
+        while True:
+            try:
+                self._inbox.get_nowait().future.set_exception(ShuttingDown())
+            except queue.Empty:
+                return
+
+    # ---- heartbeat and reconcile
+
+    def _heartbeat(self) -> None:
+        rate = self._tokens / max(1e-9, time.monotonic() - self._started)
+        with_db_retry(self, lambda s: lifecycle.heartbeat(s, worker_id=self.worker_id, hostname=socket.gethostname(),
+                                                          pid=os.getpid(), tokens_per_second=rate), what="heartbeat")
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stopping.wait(self.settings.worker.heartbeat_seconds):
+            try:
+                self._heartbeat()
+            except Exception:
+                log.exception("heartbeat failed")
+
+    def _reconcile(self) -> None:
+        report = reconcile(self.sessions, self.app, lease_seconds=self.settings.worker.lease_seconds)
+        if report.orphans or report.redis_was_reset:
+            log.warning("reconcile: %d orphaned request(s) requeued, %d re-enqueued%s", report.orphans,
+                        report.enqueued, " (Redis had lost its data)" if report.redis_was_reset else "")
+
+    def _reconcile_loop(self) -> None:
+        while not self._stopping.wait(self.settings.worker.reconcile_seconds):
+            try:
+                self._reconcile()
+            except Exception as e:  # Redis or the database down: try again next round
+                log.warning("reconcile failed: %s", e)
+
+
+def run_worker(settings: Settings, *, concurrency: int | None = None, weights: str | None = None,
+               loglevel: str = "info") -> None:
+    """Load the engine once, then consume until stopped (SIGTERM: finish or hand back, then exit)."""
+    from lorabatch.worker.engine import Engine
+
+    if weights:
+        settings = settings.model_copy(update={"worker": settings.worker.model_copy(update={"weights": weights})})
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = Engine.from_settings(settings)
+    service = WorkerService(settings, engine)
+    tasks.register(service.app, service)
+    worker_shutting_down.connect(lambda **_: service.stop(), weak=False)
+    service.start()
+    log.info("worker %s ready: model %s, %d adapter(s) configured, weights=%s", service.worker_id,
+             settings.model.base, len(settings.adapters), settings.worker.weights)
+    try:
+        service.app.Worker(
+            pool="threads",
+            concurrency=concurrency or settings.worker.concurrency,
+            queues=["lorabatch"],
+            loglevel=loglevel.upper(),
+            hostname=f"{service.worker_id}@{socket.gethostname()}",
+            without_mingle=True,
+            without_gossip=True,
+            optimization="fair",
+        ).start()
+    finally:
+        service.close()

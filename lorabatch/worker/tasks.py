@@ -1,0 +1,117 @@
+"""The Celery task: thin glue between a queue message, the database and the engine.
+
+One message names up to CHUNK_SIZE requests of one job and adapter. The task claims them
+in the database, hands them to the shared engine loop (which batches them with everything
+else this worker holds, across jobs), records the outcomes, and returns; only then does
+Celery acknowledge the message (acks_late). Exceptions are caught here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import TYPE_CHECKING, TypeVar
+
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from lorabatch import broker, lifecycle
+from lorabatch.db import transaction
+from lorabatch.schemas.tables import Request
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from lorabatch.worker.runner import WorkerService
+
+log = logging.getLogger("lorabatch.worker")
+T = TypeVar("T")
+
+DB_RETRY_FIRST = 0.5
+DB_RETRY_MAX = 10.0
+"""Backoff bounds while the database is unreachable. A worker waits it out forever, holding its
+messages unacknowledged: giving up would lose the work or strand it as `running`."""
+
+
+class ShuttingDown(Exception):
+    """The worker is stopping; requests not yet run are handed back."""
+
+
+def with_db_retry(service: WorkerService, fn: Callable, *, what: str):
+    """Run fn(session) in a transaction, retrying with backoff while the database is unreachable."""
+    delay = DB_RETRY_FIRST
+    while True:
+        try:
+            with transaction(service.sessions) as session:
+                return fn(session)
+        except (OperationalError, DBAPIError) as e:
+            if not _is_transient(e):
+                raise
+            log.warning("database unreachable while %s (%s); retrying in %.1fs", what, type(e.orig or e).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, DB_RETRY_MAX)
+
+
+def _is_transient(e: DBAPIError) -> bool:
+    return bool(getattr(e, "connection_invalidated", False)) or isinstance(e, OperationalError)
+
+
+def run_chunk(service: WorkerService, job_id: str, adapter: str, idxs: list[int]) -> dict:
+    """Claim, generate, record. Returns counts for Celery's log."""
+    from lorabatch.worker.engine import GenerationRequest, SamplingParams
+
+    settings = service.settings.worker
+    claim = with_db_retry(
+        service,
+        lambda s: lifecycle.claim_requests(s, job_id=job_id, idxs=idxs, worker_id=service.worker_id,
+                                           lease=timedelta(seconds=settings.lease_seconds),
+                                           max_attempts=settings.max_attempts),
+        what=f"claiming {job_id}",
+    )
+    if claim.gave_up:
+        log.warning("%s: %d request(s) failed after killing their worker %d times", job_id, len(claim.gave_up), settings.max_attempts)
+    if not claim.requests:
+        return {"claimed": 0}
+    rows: list[Request] = claim.requests
+    requests = [
+        GenerationRequest(key=r.idx, adapter=r.adapter, prompt=r.prompt, messages=r.messages,
+                          params=SamplingParams(**{**r.params, "stop": tuple(r.params.get("stop", ()))}))
+        for r in rows
+    ]
+    # A request that was running when a worker died may be what killed it: run it alone.
+    alone = any(r.attempts > 1 for r in rows)
+    try:
+        results = service.generate(requests, alone=alone)
+    except ShuttingDown:
+        with_db_retry(service, lambda s: lifecycle.release_requests(s, job_id=job_id, worker_id=service.worker_id,
+                                                                    idxs=[r.idx for r in rows]), what="handing back work")
+        broker.enqueue(service.app, job_id, adapter, [r.idx for r in rows], priority=5)
+        return {"handed_back": len(rows)}
+    except Exception as e:  # an engine bug must not strand the requests as running
+        log.exception("engine failed on %s", job_id)
+        results = None
+        error = f"internal error in the engine: {type(e).__name__}: {e}"
+    if results is None:
+        outcomes = [lifecycle.Outcome(idx=r.idx, output=None, finish_reason=None, prompt_tokens=0,
+                                      completion_tokens=0, error=error) for r in rows]
+    else:
+        outcomes = [lifecycle.Outcome(idx=res.key, output=res.output, finish_reason=res.finish_reason,
+                                      prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens,
+                                      error=res.error) for res in results]
+    recorded = with_db_retry(
+        service,
+        lambda s: lifecycle.record_outcomes(s, job_id=job_id, worker_id=service.worker_id, outcomes=outcomes),
+        what=f"recording results of {job_id}",
+    )
+    if recorded < len(outcomes):
+        log.warning("%s: %d result(s) dropped: another worker took those requests over", job_id, len(outcomes) - recorded)
+    return {"claimed": len(rows), "recorded": recorded}
+
+
+def register(app: Celery, service: WorkerService) -> None:
+    """Register the run task on `app`, bound to this process's service (engine, database)."""
+
+    @app.task(name=broker.RUN_TASK, acks_late=True, reject_on_worker_lost=True)
+    def run(job_id: str, adapter: str, idxs: list[int]) -> dict:
+        return run_chunk(service, job_id, adapter, idxs)

@@ -1,0 +1,163 @@
+"""The producer commands against a real Redis and a real database, with no worker running."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from lorabatch.schemas.tables import Job, Request
+from tests.conftest import _redis_client, run_cli
+
+GOOD = [
+    {"custom_id": "a", "adapter": "sft", "prompt": "Hello there"},
+    {"custom_id": "b", "adapter": "dpo", "messages": [{"role": "user", "content": "Hi"}], "max_new_tokens": 8},
+    {"custom_id": "c", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"model": "base", "messages": [{"role": "user", "content": "Yo"}], "max_tokens": 4}},
+]
+
+
+def write_jsonl(path: Path, lines: list) -> Path:
+    path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
+    return path
+
+
+def queued_messages(broker_url: str) -> int:
+    client = _redis_client(broker_url)
+    return sum(client.llen(k) for k in client.keys("lorabatch*") if client.type(k) == b"list")
+
+
+def count_jobs(ctx) -> int:
+    with ctx.sessions() as s:
+        return s.scalar(select(func.count()).select_from(Job))
+
+
+def test_submit_creates_job_and_enqueues_references(config_path, tmp_path, ctx, redis_flushed):
+    """submit --json prints the id; the job, its requests and compact queue messages exist."""
+    r = run_cli(config_path, "submit", str(write_jsonl(tmp_path / "in.jsonl", GOOD)), "--json", "--name", "t")
+    assert r.returncode == 0, r.stderr
+    job_id = json.loads(r.stdout)["id"]
+    with ctx.sessions() as s:
+        job = s.get(Job, job_id)
+        assert (job.state, job.total, job.n_queued, job.name) == ("queued", 3, 3, "t")
+        rows = s.execute(select(Request).where(Request.job_id == job_id).order_by(Request.idx)).scalars().all()
+    assert [(r.custom_id, r.adapter) for r in rows] == [("a", "sft"), ("b", "dpo"), ("c", "base")]
+    assert rows[1].messages == [{"role": "user", "content": "Hi"}] and rows[1].params["max_new_tokens"] == 8
+    assert queued_messages(redis_flushed) == 3  # one message per adapter here
+    client = _redis_client(redis_flushed)
+    raw = b"".join(client.lrange(k, 0, -1)[0] for k in client.keys("lorabatch*") if client.type(k) == b"list")
+    assert b"Hello there" not in raw, "Redis must carry references, not prompts"
+
+
+def test_submit_from_stdin_with_default_adapter(config_path, ctx):
+    """`submit -` reads standard input; --adapter fills lines that name none."""
+    r = run_cli(config_path, "submit", "-", "--adapter", "dpo", "--json", input='{"prompt": "x"}\n{"prompt": "y"}\n')
+    assert r.returncode == 0, r.stderr
+    with ctx.sessions() as s:
+        adapters = s.scalars(select(Request.adapter).where(Request.job_id == json.loads(r.stdout)["id"])).all()
+    assert adapters == ["dpo", "dpo"]
+
+
+def test_invalid_file_is_rejected_whole(config_path, tmp_path, ctx, redis_flushed):
+    """One bad line rejects the file: exit 2, every bad line named, nothing created or enqueued."""
+    lines = [GOOD[0], "{not json", GOOD[1], {"adapter": "missing", "prompt": "x"}, {"custom_id": "a", "adapter": "sft", "prompt": "dup"}]
+    r = run_cli(config_path, "submit", str(write_jsonl(tmp_path / "bad.jsonl", lines)))
+    assert r.returncode == 2
+    assert "line 2:" in r.stderr and "line 4:" in r.stderr and "line 5:" in r.stderr and "repeats custom_id" in r.stderr
+    assert "3 invalid line(s)" in r.stderr and "Traceback" not in r.stderr
+    assert r.stdout == ""
+    assert count_jobs(ctx) == 0
+    assert queued_messages(redis_flushed) == 0
+
+
+@pytest.mark.parametrize(
+    "content, expect",
+    [(b"", "is empty"), (b"\n\n", "only blank lines")],
+)
+def test_empty_file_is_rejected(config_path, tmp_path, content, expect):
+    """An empty file (or only blank lines) is bad input."""
+    p = tmp_path / "empty.jsonl"
+    p.write_bytes(content)
+    r = run_cli(config_path, "submit", str(p))
+    assert r.returncode == 2 and expect in r.stderr
+
+
+def test_status_jobs_cancel_results_without_worker(config_path, tmp_path, ctx):
+    """With no worker: status shows all queued, cancel cancels all, results list them as cancelled."""
+    job_id = json.loads(run_cli(config_path, "submit", str(write_jsonl(tmp_path / "in.jsonl", GOOD)), "--json").stdout)["id"]
+    st = json.loads(run_cli(config_path, "status", job_id, "--json").stdout)
+    assert st["id"] == job_id and st["state"] == "queued"
+    assert st["counts"] == {"queued": 3, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "total": 3}
+    listed = json.loads(run_cli(config_path, "jobs", "--json").stdout)
+    assert [j["id"] for j in listed] == [job_id]
+    r = run_cli(config_path, "cancel", job_id)
+    assert r.returncode == 0 and "cancelled" in r.stdout
+    assert run_cli(config_path, "cancel", job_id).returncode == 0, "cancelling twice is harmless"
+    st = json.loads(run_cli(config_path, "status", job_id, "--json").stdout)
+    assert st["state"] == "cancelled" and st["counts"]["cancelled"] == 3
+    out = [json.loads(l) for l in run_cli(config_path, "results", job_id).stdout.splitlines()]
+    assert [(o["custom_id"], o["status"]) for o in out] == [("a", "cancelled"), ("b", "cancelled"), ("c", "cancelled")]
+    assert json.loads(run_cli(config_path, "jobs", "--state", "queued", "--json").stdout) == []
+
+
+def test_unknown_job_is_usage_error(config_path):
+    """status, results and cancel of an unknown id exit 2 with one line."""
+    for cmd in ("status", "results", "cancel"):
+        r = run_cli(config_path, cmd, "job-nope")
+        assert r.returncode == 2, (cmd, r.stderr)
+        assert "no job with id 'job-nope'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_idempotency_key_creates_one_job(config_path, tmp_path, ctx, redis_flushed):
+    """Submitting twice with the same key returns the first job and enqueues nothing more."""
+    f = str(write_jsonl(tmp_path / "in.jsonl", GOOD))
+    first = json.loads(run_cli(config_path, "submit", f, "--idempotency-key", "k1", "--json").stdout)
+    second = json.loads(run_cli(config_path, "submit", f, "--idempotency-key", "k1", "--json").stdout)
+    assert first["id"] == second["id"] and first["created"] and not second["created"]
+    assert count_jobs(ctx) == 1
+    assert queued_messages(redis_flushed) == 3
+
+
+def test_results_formats_to_file(config_path, tmp_path):
+    """results -o writes jsonl, openai and csv files in input order."""
+    job_id = json.loads(run_cli(config_path, "submit", str(write_jsonl(tmp_path / "in.jsonl", GOOD)), "--json").stdout)["id"]
+    for fmt in ("jsonl", "openai", "csv"):
+        out = tmp_path / f"out.{fmt}"
+        r = run_cli(config_path, "results", job_id, "--format", fmt, "-o", str(out))
+        assert r.returncode == 0, r.stderr
+        text = out.read_text()
+        if fmt == "csv":
+            rows = list(csv.DictReader(io.StringIO(text)))
+            assert [r["custom_id"] for r in rows] == ["a", "b", "c"] and rows[0]["status"] == "queued"
+        else:
+            assert [json.loads(l)["custom_id"] for l in text.splitlines()] == ["a", "b", "c"]
+
+
+def test_unreachable_services_are_named_without_password(config_path, tmp_path):
+    """Unreachable Redis or database: exit 2, the URL named with its password hidden."""
+    f = str(write_jsonl(tmp_path / "in.jsonl", GOOD))
+    bad_redis = config_path.read_text().replace("broker_url =", 'broker_url = "redis://u:s3cret@127.0.0.1:1/0"\n#')
+    cfg = tmp_path / "bad-redis.toml"
+    cfg.write_text(bad_redis)
+    r = run_cli(cfg, "submit", f)
+    assert r.returncode == 2 and "cannot reach Redis at redis://u:***@127.0.0.1:1/0" in r.stderr and "s3cret" not in r.stderr
+    bad_db = config_path.read_text().replace("database_url =", 'database_url = "postgresql+psycopg://u:s3cret@127.0.0.1:1/x"\n#')
+    cfg.write_text(bad_db)
+    r = run_cli(cfg, "status", "job-x")
+    assert r.returncode == 2 and "cannot reach the database at postgresql+psycopg://u:***@127.0.0.1:1/x" in r.stderr
+    assert "s3cret" not in r.stderr + r.stdout
+
+
+def test_init_writes_config(tmp_path):
+    """init writes a commented config that loads; a second init refuses to overwrite."""
+    from lorabatch.schemas.settings import load_settings
+
+    r = run_cli(tmp_path / "unused.toml", "init", str(tmp_path / "proj"))
+    assert r.returncode == 0, r.stderr
+    s = load_settings(tmp_path / "proj" / "lorabatch.toml", environ={})
+    assert set(s.adapters) == {"sft", "sft-ckpt39", "dpo-ckpt3", "dpo"} and s.worker.weights == "auto"
+    assert run_cli(tmp_path / "unused.toml", "init", str(tmp_path / "proj")).returncode == 2
