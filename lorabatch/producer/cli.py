@@ -210,6 +210,19 @@ def show_config(click_ctx) -> None:
     _echo_json(data)
 
 
+def _register_optional_commands() -> None:
+    """Commands that live in their own modules (annotation and schedules)."""
+    try:
+        from lorabatch.producer.annotate_cli import COMMANDS
+    except ImportError:  # the module is optional until it exists
+        return
+    for command in COMMANDS:
+        cli.add_command(command)
+
+
+_register_optional_commands()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("LORABATCH_DEBUG"))

@@ -67,8 +67,10 @@ class WorkerSettings(_Section):
     """How often a worker checks the database for requests that lost their worker or message."""
     max_attempts: int = Field(3, ge=1)
     """A request whose worker died this many times while running it ends as failed."""
-    visibility_timeout: int = Field(3600, ge=10)
-    """Seconds before Redis hands an unacknowledged message to another worker."""
+    visibility_timeout: int = Field(300, ge=5)
+    """Seconds before Redis hands an unacknowledged message to another worker. Short on purpose:
+    a message redelivered while its worker still runs it is harmless (the claim in the database
+    finds its requests held and skips them), and a dead worker's held messages come back soon."""
 
 
 class LimitSettings(_Section):

@@ -11,15 +11,12 @@ JSON and file sizes, and checks them against a list of the base model's module n
 from __future__ import annotations
 
 import json
-import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 from lorabatch.errors import AdapterError
-
-log = logging.getLogger(__name__)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -101,8 +98,9 @@ def read_adapter(name: str, configured: Path) -> AdapterSpec:
 
 def validate_against_base(
     spec: AdapterSpec, *, module_names: Iterable[str], base_model: str | None, max_rank: int
-) -> None:
-    """Refuse an adapter the base model cannot take; only warn when it names another base model."""
+) -> str | None:
+    """Refuse an adapter the base model cannot take (AdapterError). Returns a warning to log when the adapter
+    names another base model: that alone is no reason to refuse it (local copies, renamed hub ids)."""
     if spec.rank > max_rank:
         raise AdapterError(
             f"adapter {spec.name!r}: {spec.path} has rank {spec.rank}, above the limit {max_rank}; "
@@ -117,10 +115,11 @@ def validate_against_base(
             f"(it has e.g. {', '.join(leaves)}); it was trained for another architecture."
         )
     if spec.base_model and base_model and not same_model(spec.base_model, base_model):
-        log.warning(
-            "adapter %r at %s was trained on %s but the base model is %s; it will be used anyway",
-            spec.name, spec.path, spec.base_model, base_model,
+        return (
+            f"adapter {spec.name!r} at {spec.path} was trained on {spec.base_model} but the base model is "
+            f"{base_model}; using it anyway"
         )
+    return None
 
 
 def missing_targets(targets: tuple[str, ...] | str, module_names: list[str]) -> list[str]:

@@ -17,6 +17,7 @@ Layout under the demo root::
     adapters/dpo_model/checkpoint-3/         "dpo-ckpt3", with trainer files beside it
     adapters/qwen_lora_dpo_adapter/          "dpo"
     .demo-complete                           build parameters, written last
+    .demo-lock                               held while building
 
 Only `build_demo` imports torch, transformers and peft, and only when it has to build:
 `demo_is_built` and an up-to-date `build_demo` stay cheap.
@@ -51,11 +52,12 @@ DEMO_ADAPTERS: dict[str, str] = {
 DEMO_MODEL_DIR = "model"
 """Base model folder relative to the demo root."""
 
-DEMO_BASE_MODEL_NAME = "lorabatch/demo-qwen2"
+DEMO_BASE_MODEL_NAME = f"lorabatch-demo/{DEMO_MODEL_DIR}"
 """`base_model_name_or_path` written into each adapter_config.json.
 
-A fixed name rather than the model's path, so that the files do not depend on where
-the demo was built (the build is byte-reproducible across roots)."""
+A fixed name rather than the model's absolute path, so that the files do not depend on
+where the demo was built (the build is byte-reproducible across roots). Its last part is
+the model folder's name, which is what adapter_files.same_model compares."""
 
 MARKER_NAME = ".demo-complete"
 """Written last: its presence means the whole build finished."""
@@ -182,6 +184,9 @@ def build_demo(
 
     Skips the build (without importing torch) when root's marker records the same
     parameters, unless `force`. The marker is written last, so a crashed build is redone.
+    Defaults: intermediate_size 4 * hidden_size, head_dim 64, 2 KV heads. The tokenizer
+    reaches vocab_size tokens up to about 6800 (its corpus is small); beyond that the
+    embedding keeps vocab_size rows and the top ids are unused, as in Qwen's own models.
     Returns root.
     """
     root = Path(root)
@@ -209,27 +214,23 @@ def demo_is_built(root: str | Path) -> bool:
 
 def _read_marker(root: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((root / MARKER_NAME).read_text(encoding="utf-8"))
+        marker = json.loads((root / MARKER_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return marker if isinstance(marker, dict) else None
 
 
-class _build_lock:
+@contextlib.contextmanager
+def _build_lock(root: Path) -> Iterator[None]:
     """An exclusive flock on root/.demo-lock, so concurrent builders don't interleave."""
+    import fcntl
 
-    def __init__(self, root: Path) -> None:
-        self._path = root / ".demo-lock"
-        self._fd: int | None = None
-
-    def __enter__(self) -> None:
-        import fcntl
-
-        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._fd is not None
-        os.close(self._fd)  # closing releases the flock
+    fd = os.open(root / ".demo-lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
 
 
 def _build_locked(root: Path, params: DemoParams) -> None:
@@ -288,15 +289,14 @@ def _quiet_build() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-class _torch_threads:
-    def __init__(self, torch: Any, n: int) -> None:
-        self._torch, self._n, self._old = torch, n, torch.get_num_threads()
-
-    def __enter__(self) -> None:
-        self._torch.set_num_threads(min(self._n, self._old))
-
-    def __exit__(self, *exc: object) -> None:
-        self._torch.set_num_threads(self._old)
+@contextlib.contextmanager
+def _torch_threads(torch: Any, n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(min(n, old))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 # --- tokenizer -------------------------------------------------------------------------

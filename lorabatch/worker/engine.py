@@ -1,0 +1,267 @@
+"""The generation engine: a pool of requests over one base model and many LoRA adapters -> one result each.
+
+``Engine.generate`` tokenizes every request, refuses the ones that cannot run (bad parameters, prompt over
+the context, unknown or invalid adapter) as results with ``error`` set, plans batches (batching.py),
+applies each batch's adapters (adapters.py) and runs the decode loop (decode.py). An out-of-memory batch
+is split in half and retried; a single request that still does not fit fails alone.
+
+Weights modes: ``merged`` merges the batch's adapter into the base weights (restored bit-exactly between
+adapters); ``separate`` keeps adapters apart and lets one batch mix several adapters and base rows;
+``auto`` runs full single-adapter batches merged and pools the small leftovers of several adapters into
+mixed batches. The rule, measured with bench/engine_bench.py on this 2-core CPU (fp32, 0.5B shape cut to
+4 layers, tokens/s):
+AUTO_RULE_MEASUREMENTS
+
+This module knows nothing about Celery, SQL, job ids or where settings come from; it is not thread-safe,
+and it does not care which thread calls it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Hashable, Literal
+
+import torch
+
+from lorabatch.errors import AdapterError, RequestTooLarge
+from lorabatch.schemas.settings import BASE_ADAPTER
+from lorabatch.worker import decode
+from lorabatch.worker.batching import Batch, Item, plan_batches
+from lorabatch.worker.model import context_length, eos_token_ids, load_base
+from lorabatch.worker.sampling import RowSampler
+from lorabatch.worker.stops import StopStrings, cut_at_stop
+
+if TYPE_CHECKING:
+    from lorabatch.schemas.settings import Settings
+    from lorabatch.worker.adapters import AdapterManager
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    """0 = greedy."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 = off."""
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    """Generate exactly max_new_tokens (benchmarks); eos tokens are then ordinary tokens."""
+
+
+@dataclass
+class GenerationRequest:
+    key: Hashable
+    adapter: str
+    params: SamplingParams
+    prompt: str | None = None
+    messages: list[dict] | None = None
+
+
+@dataclass
+class GenerationResult:
+    key: Hashable
+    output: str | None
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+class RequestRefused(Exception):
+    """A request that cannot run, whatever else is in the pool; its message becomes the result's error."""
+
+    def __init__(self, message: str, *, prompt_tokens: int = 0) -> None:
+        super().__init__(message)
+        self.prompt_tokens = prompt_tokens
+
+
+class Engine:
+    """Batched generation over one base model and its adapters."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        adapters: AdapterManager,
+        *,
+        weights: Literal["auto", "merged", "separate"] = "auto",
+        max_batch_size: int = 32,
+        max_batch_tokens: int = 16384,
+        max_context: int | None = None,
+        min_merged_rows: int | None = None,
+    ) -> None:
+        self.model = model  # PEFT wraps it in place: the same module carries every loaded LoRA layer
+        self.tokenizer = tokenizer
+        self.adapters = adapters
+        self.weights = weights
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_context = max_context or context_length(model)
+        self.min_merged_rows = min_merged_rows
+        self.device = next(model.parameters()).device
+        self.eos = eos_token_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        adapters.bind(model)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Engine:
+        """Load the base model once and serve the configured adapters on it."""
+        from lorabatch.worker.adapters import AdapterManager
+
+        model, tokenizer, _, _ = load_base(settings)
+        return cls(
+            model,
+            tokenizer,
+            AdapterManager.from_settings(settings),
+            weights=settings.worker.weights,
+            max_batch_size=settings.worker.max_batch_size,
+            max_batch_tokens=settings.worker.max_batch_tokens,
+            max_context=settings.model.max_context,
+        )
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """One result per request, in the same order; a failed request has ``error`` set, the others run."""
+        results: list[GenerationResult | None] = [None] * len(requests)
+        prompts: dict[int, list[int]] = {}
+        items: list[Item] = []
+        for i, request in enumerate(requests):
+            try:
+                prompts[i] = self.encode(request)
+                items.append(Item(i, request.adapter, len(prompts[i]), request.params.max_new_tokens))
+            except RequestRefused as e:
+                results[i] = failed(request, str(e), prompt_tokens=e.prompt_tokens)
+        for name in {item.adapter for item in items} - {BASE_ADAPTER}:
+            try:
+                self.adapters.spec(name)
+            except AdapterError as e:
+                for item in (it for it in items if it.adapter == name):
+                    results[item.index] = failed(requests[item.index], str(e), prompt_tokens=item.prompt_len)
+        items = [item for item in items if results[item.index] is None]
+        plan = plan_batches(
+            items,
+            weights=self.weights,
+            max_batch_size=self.max_batch_size,
+            max_batch_tokens=self.max_batch_tokens,
+            max_adapters=self.adapters.max_resident,
+            min_merged_rows=self.min_merged_rows,
+        )
+        for batch in plan:
+            self._run_splitting_on_oom(batch, requests, prompts, results)
+        return results  # type: ignore[return-value]  # every slot is filled by now
+
+    def encode(self, request: GenerationRequest) -> list[int]:
+        """Prompt token ids; RequestRefused when the request cannot run."""
+        p = request.params
+        if p.max_new_tokens < 1 or p.temperature < 0 or not 0 < p.top_p <= 1 or p.top_k < 0:
+            raise RequestRefused(
+                f"invalid sampling parameters (max_new_tokens={p.max_new_tokens}, temperature={p.temperature}, "
+                f"top_p={p.top_p}, top_k={p.top_k}): need max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1, top_k >= 0."
+            )
+        if (request.prompt is None) == (request.messages is None):
+            raise RequestRefused("a request needs exactly one of prompt or messages.")
+        if request.prompt is not None:
+            ids = list(self.tokenizer(request.prompt)["input_ids"])
+        else:
+            ids = list(self.tokenizer.apply_chat_template(
+                request.messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            ))
+        if not ids:
+            raise RequestRefused("the prompt is empty after tokenization.")
+        total = len(ids) + p.max_new_tokens
+        if self.max_context is not None and total > self.max_context:
+            raise RequestRefused(
+                f"prompt of {len(ids)} tokens + max_new_tokens {p.max_new_tokens} = {total} tokens is over the "
+                f"context of {self.max_context} tokens; shorten the prompt or lower max_new_tokens.",
+                prompt_tokens=len(ids),
+            )
+        return ids
+
+    def _run_splitting_on_oom(self, batch: Batch, requests: list, prompts: dict, results: list) -> None:
+        pending = [list(batch.items)]
+        while pending:
+            part = pending.pop()
+            out_of_memory = False
+            try:
+                self._run_batch(part, batch.weights, requests, prompts, results)
+            except Exception as e:  # noqa: BLE001 - only out-of-memory is handled; anything else re-raises
+                if not is_out_of_memory(e):
+                    raise
+                out_of_memory = True  # leave the except block first: its traceback holds the batch's tensors
+            if not out_of_memory:
+                continue
+            free_device_memory(self.device)
+            if len(part) == 1:
+                item = part[0]
+                message = str(RequestTooLarge(
+                    f"out of memory even alone: prompt of {item.prompt_len} tokens + max_new_tokens "
+                    f"{item.max_new_tokens}; shorten the prompt or lower max_new_tokens."
+                ))
+                results[item.index] = failed(requests[item.index], message, prompt_tokens=item.prompt_len)
+            else:
+                half = len(part) // 2
+                pending += [part[half:], part[:half]]  # first half runs first
+
+    def _run_batch(self, items: list[Item], weights: str, requests: list, prompts: dict, results: list) -> None:
+        adapters = sorted({item.adapter for item in items} - {BASE_ADAPTER})
+        for name in adapters:
+            try:
+                self.adapters.load(name, keep=adapters)
+            except AdapterError as e:
+                for item in (it for it in items if it.adapter == name):
+                    results[item.index] = failed(requests[item.index], str(e), prompt_tokens=item.prompt_len)
+        items = [item for item in items if results[item.index] is None]
+        if not items:
+            return
+        rows = [self._row(requests[item.index].params, prompts[item.index]) for item in items]
+        names = [item.adapter for item in items]
+        if weights == "merged" and len(set(names)) == 1 and names[0] != BASE_ADAPTER:
+            self.adapters.merge(names[0])
+            decode.generate_batch(self.model, rows, pad_id=self.pad_id, device=self.device)
+        else:
+            with self.adapters.rows(names) as row_names:
+                on_keep = row_names.keep if row_names is not None else None
+                decode.generate_batch(self.model, rows, pad_id=self.pad_id, device=self.device, on_keep=on_keep)
+        for item, row in zip(items, rows):
+            results[item.index] = self._result(requests[item.index], row)
+
+    def _row(self, params: SamplingParams, prompt: list[int]) -> decode.Row:
+        stops = StopStrings(params.stop, self._decode)
+        return decode.Row(
+            prompt=prompt,
+            max_new_tokens=params.max_new_tokens,
+            sampler=RowSampler.create(
+                temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=params.seed
+            ),
+            eos=frozenset() if params.ignore_eos else self.eos,
+            is_stopped=stops.matched if stops else None,
+        )
+
+    def _result(self, request: GenerationRequest, row: decode.Row) -> GenerationResult:
+        text, cut = cut_at_stop(self._decode(row.tokens), request.params.stop)
+        return GenerationResult(
+            key=request.key,
+            output=text,
+            finish_reason="stop" if cut else row.finish_reason,
+            prompt_tokens=len(row.prompt),
+            completion_tokens=len(row.tokens),
+        )
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def failed(request: GenerationRequest, error: str, *, prompt_tokens: int = 0) -> GenerationResult:
+    return GenerationResult(request.key, None, None, prompt_tokens=prompt_tokens, completion_tokens=0, error=error)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+    )
+
+
+def free_device_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -1,0 +1,106 @@
+"""The whole path with real parts: submit -> Redis -> a worker process -> SQL -> status and results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli, wait_for_job
+from tests.reference import reference_output
+
+pytestmark = pytest.mark.slow
+
+ADAPTERS = ["sft", "sft-ckpt39", "dpo-ckpt3", "dpo", "base"]
+PROMPTS = ["The weather today is", "Once upon a time", "A list of fruits:", "def add(a, b):",
+           "The capital of France", "In the morning I", "Numbers: 1, 2, 3,", "Dear friend,",
+           "The best way to learn", "My favourite colour is", "Rain falls on", "At the market"]
+MAX_NEW = 10
+
+
+def workload() -> list[dict]:
+    """60 requests: every prompt-or-chat line under every adapter and the base model."""
+    lines = []
+    for i, text in enumerate(PROMPTS):
+        for adapter in ADAPTERS:
+            cid = f"{adapter}-{i}"
+            if i % 3 == 2:
+                lines.append({"custom_id": cid, "adapter": adapter, "max_new_tokens": MAX_NEW,
+                              "messages": [{"role": "user", "content": text}]})
+            else:
+                lines.append({"custom_id": cid, "adapter": adapter, "prompt": text, "max_new_tokens": MAX_NEW})
+    return lines
+
+
+@pytest.mark.parametrize("weights", ["auto", "merged", "separate"])
+def test_results_equal_plain_peft_one_at_a_time(config_path, tmp_path, ctx, start_worker, demo_root, weights):
+    """Every result of a 60-request job over 4 adapters and base equals plain PEFT run alone, token for token."""
+    lines = workload()
+    infile = tmp_path / "in.jsonl"
+    infile.write_text("".join(json.dumps(l) + "\n" for l in lines))
+    worker = start_worker("--weights", weights)
+    r = run_cli(config_path, "submit", str(infile), "--json")
+    assert r.returncode == 0, r.stderr
+    job_id = json.loads(r.stdout)["id"]
+    summary = wait_for_job(ctx, job_id, workers=[worker])
+    assert summary["state"] == "completed" and summary["counts"]["succeeded"] == len(lines), summary
+
+    out = run_cli(config_path, "results", job_id)
+    results = [json.loads(l) for l in out.stdout.splitlines()]
+    assert [r["custom_id"] for r in results] == [l["custom_id"] for l in lines], "results keep the input's order"
+    by_prompt: dict[int, set[str]] = {}
+    for line, res in zip(lines, results):
+        expected = reference_output(demo_root, adapter=line["adapter"], prompt=line.get("prompt"),
+                                    messages=line.get("messages"), max_new_tokens=MAX_NEW)
+        assert res["output"] == expected, (line, res)
+        assert res["status"] == "succeeded" and res["error"] is None and res["adapter"] == line["adapter"]
+        assert res["completion_tokens"] > 0 and res["prompt_tokens"] > 0
+        by_prompt.setdefault(int(line["custom_id"].rsplit("-", 1)[1]), set()).add(expected)
+    # The comparison can catch a mixed-up adapter only if adapters answer differently: they do.
+    assert sum(len(outs) == len(ADAPTERS) for outs in by_prompt.values()) >= len(PROMPTS) // 2
+
+
+def test_status_watch_and_formats(config_path, tmp_path, ctx, start_worker):
+    """status --watch shows a bar and returns when the job ends; results export in all three formats."""
+    lines = workload()[:15]
+    infile = tmp_path / "in.jsonl"
+    infile.write_text("".join(json.dumps(l) + "\n" for l in lines))
+    job_id = json.loads(run_cli(config_path, "submit", str(infile), "--json").stdout)["id"]
+    start_worker()
+    watched = run_cli(config_path, "status", job_id, "--watch", "--json", timeout=240)
+    assert watched.returncode == 0, watched.stderr
+    final = json.loads(watched.stdout)
+    assert final["state"] == "completed" and final["counts"]["succeeded"] == 15
+    assert final["completion_tokens"] > 0 and final["tokens_per_second"]
+    assert "15/15" in watched.stderr  # the progress bar's last frame
+    openai = [json.loads(l) for l in run_cli(config_path, "results", job_id, "--format", "openai").stdout.splitlines()]
+    assert openai[0]["response"]["status_code"] == 200
+    chat = next(o for o, l in zip(openai, lines) if "messages" in l)
+    assert chat["response"]["body"]["choices"][0]["message"]["role"] == "assistant"
+    csv_text = run_cli(config_path, "results", job_id, "--format", "csv").stdout
+    assert csv_text.splitlines()[0].startswith("custom_id,adapter,status,output")
+    assert len(csv_text.splitlines()) >= 16
+
+
+def test_many_small_jobs_share_a_worker(config_path, tmp_path, ctx, start_worker):
+    """Twenty 2-request jobs over different adapters all complete through one worker."""
+    start_worker()
+    ids = []
+    for j in range(20):
+        f = tmp_path / f"in{j}.jsonl"
+        f.write_text("".join(json.dumps({"custom_id": f"{j}-{k}", "adapter": ADAPTERS[(j + k) % 5],
+                                         "prompt": PROMPTS[(j + k) % len(PROMPTS)], "max_new_tokens": 6}) + "\n"
+                             for k in range(2)))
+        ids.append(json.loads(run_cli(config_path, "submit", str(f), "--json").stdout)["id"])
+    for job_id in ids:
+        assert wait_for_job(ctx, job_id)["counts"]["succeeded"] == 2
+
+
+def test_adapters_command(config_path):
+    """adapters lists the four demo adapters; --check reports rank and targets for each."""
+    r = run_cli(config_path, "adapters")
+    assert r.returncode == 0 and all(n in r.stdout for n in ADAPTERS[:4])
+    r = run_cli(config_path, "adapters", "--check")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("r=16") == 4 and "q_proj" in r.stdout and "v_proj" in r.stdout
