@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from lorabatch.errors import ServiceUnavailable
 from lorabatch.schemas.settings import Settings, hide_password
 from lorabatch.schemas.tables import Base
+import lorabatch.schemas.annotation_tables  # noqa: F401,E402  (registers its tables with Base for create_all)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 """How long a SQLite writer waits for the lock before giving up."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import and_, insert, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from lorabatch.errors import NotFound, UsageError
@@ -106,6 +106,8 @@ def forget_worker(session: Session, worker_id: str) -> None:
 
 
 def _live_workers(session: Session, lease: timedelta):
+    """Workers whose heartbeat is recent. A claim by one of them is respected, even by itself: a
+    duplicate message for requests this very worker is running must not run them a second time."""
     return select(Worker.id).where(Worker.heartbeat_at >= utcnow() - lease)
 
 
@@ -125,11 +127,12 @@ def claim_requests(session: Session, *, job_id: str, idxs: Iterable[int], worker
     """Claim the given requests of one job for `worker_id`.
 
     Claimable: queued, or running under a worker with no heartbeat within `lease` (it died).
-    A request already claimed `max_attempts` times ends as failed instead: it keeps killing
-    its worker. Requests in any other state are skipped: their message was a duplicate.
+    A request that already started `max_attempts` times (see `mark_started`) ends as failed
+    instead: it keeps killing its worker. Requests in any other state are skipped: their
+    message was a duplicate.
     """
     idxs = list(idxs)
-    live = _live_workers(session, lease).where(Worker.id != worker_id)
+    live = _live_workers(session, lease)
     rows = session.execute(
         select(Request)
         .where(
@@ -155,7 +158,6 @@ def claim_requests(session: Session, *, job_id: str, idxs: Iterable[int], worker
             gave_up.append(row)
         else:
             row.state, row.worker_id, row.claimed_at = R.value, worker_id, now
-            row.attempts += 1
             job.n_running += 1
             claimed.append(row)
         if was_queued:
@@ -166,6 +168,17 @@ def claim_requests(session: Session, *, job_id: str, idxs: Iterable[int], worker
         job.state, job.started_at = JobState.RUNNING.value, now
     _settle(job)
     return Claim(claimed, gave_up)
+
+
+def mark_started(session: Session, *, job_id: str, worker_id: str, idxs: Sequence[int]) -> None:
+    """Count an attempt for requests the engine is about to run. Counted here, not at claim time,
+    so requests that merely waited beside one that killed the worker are not charged for it."""
+    session.execute(
+        update(Request)
+        .where(Request.job_id == job_id, Request.idx.in_(list(idxs)), Request.worker_id == worker_id,
+               Request.state == R.value)
+        .values(attempts=Request.attempts + 1)
+    )
 
 
 def record_outcomes(session: Session, *, job_id: str, worker_id: str, outcomes: Sequence[Outcome]) -> int:
@@ -200,7 +213,7 @@ def record_outcomes(session: Session, *, job_id: str, worker_id: str, outcomes: 
 
 
 def release_requests(session: Session, *, job_id: str, worker_id: str, idxs: Iterable[int]) -> list[Request]:
-    """Hand requests this worker holds back to the queue (warm shutdown, a database blip)."""
+    """Hand requests this worker holds back to the queue (warm shutdown)."""
     rows = session.execute(
         select(Request)
         .where(Request.job_id == job_id, Request.idx.in_(list(idxs)),
@@ -210,9 +223,12 @@ def release_requests(session: Session, *, job_id: str, worker_id: str, idxs: Ite
     return _requeue(session, rows)
 
 
-def orphaned_requests(session: Session, *, lease: timedelta) -> list[Request]:
-    """Requests running under workers that stopped sending heartbeats: put back to queued and returned."""
+def orphaned_requests(session: Session, *, lease: timedelta, alive: str | None = None) -> list[Request]:
+    """Requests running under workers that stopped sending heartbeats: put back to queued and returned.
+    `alive` is the caller's own worker id: a worker never presumes itself dead, however late its heartbeat."""
     live = _live_workers(session, lease)
+    if alive:
+        live = live.union(select(literal(alive)))
     rows = session.execute(
         select(Request)
         .where(Request.state == R.value, or_(Request.worker_id.is_(None), Request.worker_id.not_in(live)))

@@ -40,7 +40,8 @@ def broker_url(session_state: Path) -> str:
     """The Redis every test talks to: LORABATCH_TEST_BROKER_URL, else an embedded one for this session."""
     url = os.environ.get("LORABATCH_TEST_BROKER_URL")
     if url:
-        return url
+        yield url
+        return
     url = broker.ensure_embedded_redis(session_state / "redis")
     yield url
     broker.stop_embedded_redis(session_state / "redis")

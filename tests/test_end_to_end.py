@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from lorabatch.producer.submit import submit_file
 from tests.conftest import run_cli, wait_for_job
 from tests.reference import reference_output
 
@@ -92,7 +93,7 @@ def test_many_small_jobs_share_a_worker(config_path, tmp_path, ctx, start_worker
         f.write_text("".join(json.dumps({"custom_id": f"{j}-{k}", "adapter": ADAPTERS[(j + k) % 5],
                                          "prompt": PROMPTS[(j + k) % len(PROMPTS)], "max_new_tokens": 6}) + "\n"
                              for k in range(2)))
-        ids.append(json.loads(run_cli(config_path, "submit", str(f), "--json").stdout)["id"])
+        ids.append(submit_file(ctx, str(f)).job_id)  # in-process: 20 CLI start-ups would dominate the test
     for job_id in ids:
         assert wait_for_job(ctx, job_id)["counts"]["succeeded"] == 2
 

@@ -24,11 +24,14 @@ def show_adapters(settings: Settings, *, check: bool) -> bool:
 
         raise UsageError(f"--check needs the worker extra ({e.name} is missing): pip install 'lorabatch[worker]'") from e
     ok = True
-    for name, info in AdapterManager.check_all(settings).items():
+    manager = AdapterManager.from_settings(settings)
+    for name in settings.adapters:
+        info = manager.check(name)
         if info.get("problem"):
             ok = False
             click.echo(f"{name:<16} PROBLEM: {info['problem']}")
         else:
-            click.echo(f"{name:<16} r={info['rank']} alpha={info['alpha']} targets={','.join(info['targets'])} "
+            targets = info["targets"] if isinstance(info["targets"], str) else ",".join(info["targets"])
+            click.echo(f"{name:<16} r={info['rank']} alpha={info['alpha']} targets={targets} "
                        f"size={info['size_bytes'] / 1e6:.1f}MB  {info['path']}")
     return ok

@@ -10,7 +10,8 @@ the same order, plus `<column>`, `<column>_status` and `<column>_error`, in the 
 
 Keying by the rendered request rather than the raw row means a change to a column the template
 does not use keeps the answer, and any change to what the model sees (template, field values,
-adapter, parameters) asks again.
+adapter, parameters) asks again. The key knows adapters by name, not by weights: after retraining
+one under the same name, `annotate --fresh` asks again for every row.
 
 This module knows nothing about cron; `schedules.py` decides when a run starts.
 """
@@ -104,8 +105,8 @@ class Template:
 
 def load_template(value: str, *, overrides: Mapping[str, Any] | None = None) -> Template:
     """A template from --template: a `.json` file (prompt or messages, plus parameters), any other
-    existing file (the prompt text), or the prompt text itself. `overrides` (CLI flags) win over
-    parameters in the file."""
+    existing file (the prompt text; one final newline is dropped), or the prompt text itself.
+    `overrides` (CLI flags) win over parameters in the file."""
     path = Path(value).expanduser()
     try:
         is_file = "\n" not in value and path.is_file()
@@ -271,22 +272,25 @@ def resolve_datasets(patterns: Sequence[str], *, output: str | None = None) -> l
     any_glob = False
     for pattern in patterns:
         expanded = os.path.expanduser(pattern)
-        if glob.has_magic(expanded):
+        if glob.has_magic(expanded):  # a glob skips files of other formats
             any_glob = True
-            matches = sorted(Path(m) for m in glob.glob(expanded, recursive=True) if Path(m).is_file())
+            matches = sorted(Path(m) for m in glob.glob(expanded, recursive=True)
+                             if Path(m).is_file() and Path(m).suffix.lower() in FORMATS)
         else:
-            if not Path(expanded).is_file():
+            path = Path(expanded)
+            if not path.is_file():
                 raise UsageError(f"dataset {pattern} does not exist; give a JSONL, CSV or Parquet file, or a quoted glob.")
-            matches = [Path(expanded)]
+            if path.suffix.lower() not in FORMATS:
+                raise UsageError(f"dataset {pattern} has extension {path.suffix or '(none)'!r}; "
+                                 "lorabatch reads .jsonl, .csv and .parquet.")
+            matches = [path]
         for m in matches:
             m = m.resolve()
             if m not in files:
                 files.append(m)
     if not files:
-        raise UsageError(f"no file matches {' '.join(patterns)}; check the path (quote a glob so the shell leaves it to lorabatch).")
-    for f in files:
-        if f.suffix.lower() not in FORMATS:
-            raise UsageError(f"dataset {f} has extension {f.suffix or '(none)'!r}; lorabatch reads .jsonl, .csv and .parquet.")
+        raise UsageError(f"no JSONL, CSV or Parquet file matches {' '.join(patterns)}; check the path "
+                         "(quote a glob so the shell leaves it to lorabatch).")
     single = len(patterns) == 1 and not any_glob
     out_dir = None
     if output and not single:
@@ -587,10 +591,14 @@ class Plan:
     """Distinct keys answered before."""
 
 
-def plan_run(ctx: Context, spec: RunSpec) -> Plan:
-    """Read and render the datasets and decide which requests need a job."""
+def plan_run(ctx: Context, spec: RunSpec, *, fresh: bool = False) -> Plan:
+    """Read and render the datasets and decide which requests need a job.
+    `fresh`: ask again for every row (the cache knows nothing of the weights: use it after
+    retraining an adapter under the same name)."""
     rendered = render_datasets(ctx.settings, spec)
     sessions = annotation_sessions(ctx)
+    if fresh:
+        return Plan(rendered, list(rendered.lines), [], 0)
     harvest_finished(ctx)  # answers of ended jobs count as answered before
     cached = lookup_cache(sessions, rendered.lines)
     reused = sum(1 for c in cached.values() if c[1] == "succeeded")
@@ -755,9 +763,10 @@ def finish_detached_runs(ctx: Context) -> list[tuple[str, Written]]:
 
 
 def stalled_runs(ctx: Context) -> list[str]:
-    """Detached runs whose starter died before submitting them."""
+    """Schedule firings whose beat died between claiming the slot and submitting the run. (A run
+    started by hand that failed to submit told its user so; it is not retried behind their back.)"""
     cutoff = utcnow() - timedelta(seconds=STALLED_SUBMIT_SECONDS)
     with annotation_sessions(ctx)() as s:
         return list(s.scalars(select(AnnotationRun.id).where(
-            AnnotationRun.detached.is_(True), AnnotationRun.submitted_at.is_(None),
+            AnnotationRun.slot.is_not(None), AnnotationRun.submitted_at.is_(None),
             AnnotationRun.error.is_(None), AnnotationRun.created_at < cutoff)))

@@ -28,12 +28,13 @@ class ReconcileReport:
     redis_was_reset: bool = False
 
 
-def reconcile(sessions: sessionmaker[Session], app: Celery, *, lease_seconds: float, everything: bool = False) -> ReconcileReport:
+def reconcile(sessions: sessionmaker[Session], app: Celery, *, lease_seconds: float, everything: bool = False,
+              worker_id: str | None = None) -> ReconcileReport:
     """Requeue orphans; re-enqueue every queued request when Redis lost its data or `everything` is asked."""
     report = ReconcileReport()
     lost = broker.epoch_missing(app)
     with transaction(sessions) as session:
-        orphans = lifecycle.orphaned_requests(session, lease=timedelta(seconds=lease_seconds))
+        orphans = lifecycle.orphaned_requests(session, lease=timedelta(seconds=lease_seconds), alive=worker_id)
         report.orphans = len(orphans)
         if lost or everything:
             refs = lifecycle.queued_requests(session)  # includes the orphans just put back

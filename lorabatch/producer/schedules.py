@@ -1,7 +1,8 @@
 """Annotation schedules: cron expressions stored in the database, fired by `lorabatch beat`.
 
 A schedule fires for a slot (a time its cron expression names) once the slot has passed, if
-the slot is later than the schedule's creation and than the last slot it fired for. Firing
+the slot is later than the last slot it fired for and than `counts_from` (when the schedule
+was added, replaced or enabled again). Firing
 claims the slot with a conditional UPDATE (`last_fired_at < slot`), in the same transaction
 that records the run, so two beats never both fire one slot. A beat that was down fires only
 the latest missed slot, once. The run is then submitted as a normal job tagged with the
@@ -82,7 +83,7 @@ def next_slot(expr: str, tz: str, now: datetime) -> datetime:
 def due_slot(schedule: Schedule, now: datetime) -> datetime | None:
     """The slot this schedule should fire for now, if any."""
     slot = latest_slot(schedule.cron, schedule.timezone, now)
-    if slot <= schedule.created_at or (schedule.last_fired_at and slot <= schedule.last_fired_at):
+    if slot <= schedule.counts_from or (schedule.last_fired_at and slot <= schedule.last_fired_at):
         return None
     return slot
 
@@ -92,8 +93,8 @@ def due_slot(schedule: Schedule, now: datetime) -> datetime | None:
 
 def add_schedule(ctx: Context, name: str, *, cron: str, tz: str, spec: annotate.RunSpec, replace: bool = False,
                  now: datetime | None = None) -> Schedule:
-    """Store a schedule (validated by the caller's build_spec). `replace` overwrites one of that name,
-    keeping when it last fired."""
+    """Store a schedule (validated by the caller's build_spec). `replace` overwrites one of that name;
+    either way only slots after `now` fire."""
     if not NAME_RE.match(name):
         raise UsageError(f"schedule name {name!r} is not allowed; use letters, digits, '.', '_' or '-' (at most 100).")
     check_cron(cron, tz)
@@ -101,10 +102,11 @@ def add_schedule(ctx: Context, name: str, *, cron: str, tz: str, spec: annotate.
         existing = s.get(Schedule, name, with_for_update=True)
         if existing is not None and not replace:
             raise UsageError(f"schedule {name!r} already exists; pass --replace to change it, or choose another name.")
+        now = now or utcnow()
         if existing is None:
-            existing = Schedule(name=name, created_at=now or utcnow(), enabled=True)
+            existing = Schedule(name=name, created_at=now, enabled=True)
             s.add(existing)
-        existing.cron, existing.timezone, existing.spec = cron, tz, spec.to_dict()
+        existing.cron, existing.timezone, existing.spec, existing.counts_from = cron, tz, spec.to_dict(), now
     return existing
 
 
@@ -123,10 +125,14 @@ def remove_schedule(ctx: Context, name: str) -> None:
         s.execute(Schedule.__table__.delete().where(Schedule.name == name))
 
 
-def set_enabled(ctx: Context, name: str, *, enabled: bool) -> None:
-    get_schedule(ctx, name)
+def set_enabled(ctx: Context, name: str, *, enabled: bool, now: datetime | None = None) -> None:
+    """Pause or resume a schedule. Slots that passed while it was paused do not fire."""
+    sch = get_schedule(ctx, name)
+    values: dict = {"enabled": enabled}
+    if enabled and not sch.enabled:
+        values["counts_from"] = now or utcnow()
     with transaction(annotate.annotation_sessions(ctx)) as s:
-        s.execute(update(Schedule).where(Schedule.name == name).values(enabled=enabled)
+        s.execute(update(Schedule).where(Schedule.name == name).values(**values)
                   .execution_options(synchronize_session=False))
 
 

@@ -77,15 +77,16 @@ def watch(sessions: sessionmaker[Session], job_id: str, *, console: Console | No
     console = console or Console(stderr=True)
     summary = read_summary(sessions, job_id)
     deadline = time.monotonic() + timeout if timeout else None
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
                TextColumn("{task.fields[detail]}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(job_id, total=summary["counts"]["total"], detail="")
         while True:
             c = summary["counts"]
-            tps = f"{summary['tokens_per_second']:.0f} tok/s" if summary["tokens_per_second"] else ""
-            eta = f"ETA {summary['eta_seconds']:.0f}s" if summary["eta_seconds"] is not None else ""
-            detail = f"{summary['state']} ok {c['succeeded']} failed {c['failed']} running {c['running']} {tps} {eta}"
+            tps = f" {summary['tokens_per_second']:.0f} tok/s" if summary["tokens_per_second"] else ""
+            eta = f" ETA {summary['eta_seconds']:.0f}s" if summary["eta_seconds"] is not None else ""
+            failed = f" failed {c['failed']}" if c["failed"] else ""
+            detail = f"{summary['state']}{failed}{tps}{eta}"
             bar.update(task, completed=summary["done"], detail=detail)
             if (JobState(summary["state"]).is_final or (deadline and time.monotonic() > deadline)
                     or (alive and not alive())):

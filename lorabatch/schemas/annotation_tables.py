@@ -79,6 +79,9 @@ class Schedule(Base):
     """The annotation it runs: datasets, template (read at `schedule add`), adapter, params, output, column."""
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)
+    counts_from: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)
+    """Slots at or before this never fire: set when the schedule is added, replaced or enabled again,
+    so none of these fires at once for a slot that passed before it."""
     last_fired_at: Mapped[datetime | None] = mapped_column(DateTime())
     """The last slot fired (naive UTC); claimed with a conditional UPDATE so only one beat fires it."""
 

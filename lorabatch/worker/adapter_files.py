@@ -90,7 +90,7 @@ def read_adapter(name: str, configured: Path) -> AdapterSpec:
         path=path,
         rank=max(ranks),
         alpha=float(config.get("lora_alpha", 8)),
-        targets=targets if isinstance(targets, str) else tuple(targets),
+        targets=targets if isinstance(targets, str) else tuple(sorted(targets)),
         size_bytes=weights.stat().st_size,
         base_model=config.get("base_model_name_or_path"),
     )

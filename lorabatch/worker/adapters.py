@@ -127,6 +127,8 @@ class AdapterManager:
         if self._resident.get(name) == identity:
             self._resident.move_to_end(name)
             return spec
+        # PEFT's loader re-sets the active adapter, which unmerges (subtracts) a merged one: restore exactly first.
+        self._weights.restore()
         if name in self._resident:  # the configured folder or its file changed since it was loaded
             self.evict(name)
         pinned = set(keep) | {name}

@@ -6,7 +6,7 @@ which makes a padded row compute what it computes alone. Rows that finish are dr
 from the KV cache once a fair share of the batch has finished, so they stop costing compute.
 
 This module knows nothing about tokenizers, text, adapters or requests: whatever must change per row
-while rows are dropped (PEFT's per-row adapter names) is told through ``on_keep``.
+as rows move (PEFT's per-row adapter names) is told through ``on_rows``.
 """
 
 from __future__ import annotations
@@ -79,8 +79,34 @@ def new_cache(model: Any) -> Any:
     return DynamicCache(config=model.config)
 
 
+PREFILL_PAD_FRACTION = 0.1
+"""A prefill chunk takes the next (longer) prompt while padding stays under this share of its tokens..."""
+PREFILL_PAD_TOKENS = 64
+"""...or under this many tokens: tiny chunks would cost more in per-forward overhead than the padding."""
+
+
+def prefill_chunks(lengths: list[int]) -> list[range]:
+    """Consecutive runs of (ascending) prompt lengths that pad little when prefilled together.
+
+    Prefill is most of the compute for prompts longer than the completion, and a padded position costs as
+    much as a real one; a batch spanning short and long prompts is therefore prefilled in chunks.
+    """
+    chunks: list[range] = []
+    start = 0
+    for end in range(1, len(lengths) + 1):
+        if end == len(lengths):
+            chunks.append(range(start, end))
+            break
+        rows, longest = end + 1 - start, lengths[end]
+        padding = rows * longest - sum(lengths[start : end + 1])
+        if padding > max(PREFILL_PAD_FRACTION * rows * longest, PREFILL_PAD_TOKENS):
+            chunks.append(range(start, end))
+            start = end
+    return chunks
+
+
 def prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any) -> torch.Tensor:
-    """Run the whole prompts, fill the cache. input_ids, attention_mask: [B, S] -> logits of the last column: [B, V]."""
+    """Run whole prompts, fill the cache. input_ids, attention_mask: [B, S] -> logits of the last column: [B, V]."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, S]: padding never shifts a row
     out = model(
         input_ids=input_ids,
@@ -91,6 +117,49 @@ def prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
         **{cache_keyword(model): cache},
     )
     return out.logits[:, -1, :]
+
+
+def prefill_batch(
+    model: Any,
+    prompts: list[list[int]],
+    *,
+    pad_id: int,
+    device: torch.device,
+    on_chunk: Callable[[range], None] | None = None,
+) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """Prefill prompts sorted by length, chunk by chunk, into one left-padded cache.
+
+    ``on_chunk(rows)`` is told which rows the next forward runs. -> logits: [B, V], cache of width S (the
+    longest prompt), attention_mask: [B, S]
+    """
+    chunks = prefill_chunks([len(p) for p in prompts])
+    width = max(len(p) for p in prompts)
+    input_ids, attention_mask = left_pad(prompts, pad_id=pad_id, device=device)  # [B, S]
+    if len(chunks) == 1:
+        if on_chunk is not None:
+            on_chunk(chunks[0])
+        cache = new_cache(model)
+        return prefill(model, input_ids, attention_mask, cache), cache, attention_mask
+    logits, parts = [], []
+    for rows in chunks:
+        if on_chunk is not None:
+            on_chunk(rows)
+        input_ids, mask = left_pad(prompts[rows.start : rows.stop], pad_id=pad_id, device=device)  # [b, s]
+        part = new_cache(model)
+        logits.append(prefill(model, input_ids, mask, part))
+        parts.append(part)
+    cache = new_cache(model)
+    for layer in range(len(parts[0].layers)):
+        # keys, values: [B, H, S, D]; each chunk's columns right-aligned (its rows are left-padded to S)
+        keys = torch.cat([_left_pad_kv(p.layers[layer].keys, width) for p in parts])
+        values = torch.cat([_left_pad_kv(p.layers[layer].values, width) for p in parts])
+        cache.update(keys, values, layer)
+    return torch.cat(logits), cache, attention_mask
+
+
+def _left_pad_kv(states: torch.Tensor, width: int) -> torch.Tensor:
+    """[b, H, s, D] -> [b, H, width, D], zeros on the left (masked out, never attended to)."""
+    return torch.nn.functional.pad(states, (0, 0, width - states.shape[-2], 0))
 
 
 def decode_step(
@@ -118,31 +187,36 @@ def generate_batch(
     *,
     pad_id: int,
     device: torch.device,
-    on_keep: Callable[[list[int]], None] | None = None,
-) -> list[Row]:
+    on_rows: Callable[[list[int]], None] | None = None,
+) -> None:
     """Generate until every row is finished; fills each row's ``tokens`` and ``finish_reason`` in place.
 
-    ``on_keep(kept)`` is called with the positions (in the current batch) of the rows that stay whenever
-    finished rows are dropped.
+    Rows run sorted by prompt length. ``on_rows(indices)`` is told, whenever it changes, which rows (indices
+    into ``rows``) the next forwards run, in batch order: per prefill chunk, then after each drop.
     """
-    input_ids, attention_mask = left_pad([r.prompt for r in rows], pad_id=pad_id, device=device)  # [B, S]
-    cache = new_cache(model)
-    logits = prefill(model, input_ids, attention_mask, cache)  # [B, V]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt))  # batch position -> index into rows
+    tell_chunk = None if on_rows is None else (lambda chunk: on_rows([order[j] for j in chunk]))
+    logits, cache, attention_mask = prefill_batch(
+        model, [rows[i].prompt for i in order], pad_id=pad_id, device=device, on_chunk=tell_chunk
+    )  # [B, V], cache of width S, [B, S]
     positions = attention_mask.sum(-1, keepdim=True)  # [B, 1]: the next token's position in each row
-    active = list(range(len(rows)))  # batch position -> index into rows
+    active = order  # batch position -> index into rows
+    if on_rows is not None:
+        on_rows(active)
     while True:
         next_tokens = sample_next(logits, [rows[i].sampler for i in active])  # [b]
         done = [j for j, token in enumerate(next_tokens.tolist()) if rows[active[j]].append(token)]
         if len(done) == len(active):
-            return rows
+            return
         if len(done) >= drop_threshold(len(active)):
-            kept = [j for j in range(len(active)) if j not in set(done)]
+            finished = set(done)
+            kept = [j for j in range(len(active)) if j not in finished]
             index = torch.tensor(kept, device=device)
             cache.batch_select_indices(index)
             attention_mask, positions, next_tokens = attention_mask[index], positions[index], next_tokens[index]
             active = [active[j] for j in kept]
-            if on_keep is not None:
-                on_keep(kept)
+            if on_rows is not None:
+                on_rows(active)
         ones = attention_mask.new_ones((attention_mask.shape[0], 1))
         attention_mask = torch.cat([attention_mask, ones], dim=-1)  # [b, S + t + 1]
         logits = decode_step(model, next_tokens[:, None], attention_mask, positions, cache)

@@ -221,8 +221,8 @@ class Engine:
             decode.generate_batch(self.model, rows, pad_id=self.pad_id, device=self.device)
         else:
             with self.adapters.rows(names) as row_names:
-                on_keep = row_names.keep if row_names is not None else None
-                decode.generate_batch(self.model, rows, pad_id=self.pad_id, device=self.device, on_keep=on_keep)
+                on_rows = row_names.use if row_names is not None else None
+                decode.generate_batch(self.model, rows, pad_id=self.pad_id, device=self.device, on_rows=on_rows)
         for item, row in zip(items, rows):
             results[item.index] = self._result(requests[item.index], row)
 

@@ -52,6 +52,8 @@ class WorkerService:
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._inbox: queue.Queue[_Pending] = queue.Queue()
         self._stopping = threading.Event()
+        self.suspect_lock = threading.Lock()
+        """Held while one suspect request (see tasks.run_chunk) runs and is recorded."""
         self._threads: list[threading.Thread] = []
         self._tokens = 0
         self._started = time.monotonic()
@@ -110,22 +112,17 @@ class WorkerService:
                 except queue.Empty:
                     break
                 if item.alone:
-                    self._inbox.put(item)  # runs in a pool of its own, next
+                    self._inbox.put(item)  # runs later, in a pool of its own
                     break
                 pool.append(item)
                 rows += len(item.requests)
-            if first.alone:
-                self._run([first], one_at_a_time=True)
-            else:
-                self._run(pool)
+            self._run(pool)  # an `alone` item (one suspect request) is a pool by itself
 
-    def _run(self, pool: list[_Pending], *, one_at_a_time: bool = False) -> None:
+    def _run(self, pool: list[_Pending]) -> None:
         flat = [r for p in pool for r in p.requests]
         try:
-            if one_at_a_time:  # a request that may have killed a worker fails alone, not with its batch
-                results = [res for r in flat for res in self.engine.generate([r])]
-            else:
-                results = self.engine.generate(flat)
+            self._mark_started(flat)
+            results = self.engine.generate(flat)
         except BaseException as e:  # handed to the task threads, which own error handling
             for p in pool:
                 p.future.set_exception(e)
@@ -135,6 +132,18 @@ class WorkerService:
         for p in pool:
             p.future.set_result(results[i : i + len(p.requests)])
             i += len(p.requests)
+
+    def _mark_started(self, requests: list) -> None:
+        by_job: dict[str, list[int]] = {}
+        for r in requests:
+            job_id, idx = r.key
+            by_job.setdefault(job_id, []).append(idx)
+
+        def mark(session) -> None:
+            for job_id, idxs in by_job.items():
+                lifecycle.mark_started(session, job_id=job_id, worker_id=self.worker_id, idxs=idxs)
+
+        with_db_retry(self, mark, what="marking requests started")
 
     def _drain(self, first: _Pending) -> None:
         first.future.set_exception(ShuttingDown())
@@ -159,7 +168,8 @@ class WorkerService:
                 log.exception("heartbeat failed")
 
     def _reconcile(self) -> None:
-        report = reconcile(self.sessions, self.app, lease_seconds=self.settings.worker.lease_seconds)
+        report = reconcile(self.sessions, self.app, lease_seconds=self.settings.worker.lease_seconds,
+                           worker_id=self.worker_id)
         if report.orphans or report.redis_was_reset:
             log.warning("reconcile: %d orphaned request(s) requeued, %d re-enqueued%s", report.orphans,
                         report.enqueued, " (Redis had lost its data)" if report.redis_was_reset else "")

@@ -59,8 +59,24 @@ def _is_transient(e: DBAPIError) -> bool:
 
 def run_chunk(service: WorkerService, job_id: str, adapter: str, idxs: list[int]) -> dict:
     """Claim, generate, record. Returns counts for Celery's log."""
-    from lorabatch.worker.engine import GenerationRequest, SamplingParams
+    rows = _claim(service, job_id, idxs)
+    if not rows:
+        return {"claimed": 0}
+    if all(r.attempts == 0 for r in rows):
+        return _generate_and_record(service, job_id, adapter, rows, alone=False)
+    # A worker died while running some of these: one of them may be what killed it. Run them one
+    # at a time, each recorded before the next suspect starts (across all of this worker's
+    # messages), so only the culprit uses up its attempts.
+    counts: dict[str, int] = {}
+    for row in rows:
+        with service.suspect_lock:
+            step = _generate_and_record(service, job_id, adapter, [row], alone=True)
+        for k, v in step.items():
+            counts[k] = counts.get(k, 0) + v
+    return counts
 
+
+def _claim(service: WorkerService, job_id: str, idxs: list[int]) -> list[Request]:
     settings = service.settings.worker
     claim = with_db_retry(
         service,
@@ -70,33 +86,35 @@ def run_chunk(service: WorkerService, job_id: str, adapter: str, idxs: list[int]
         what=f"claiming {job_id}",
     )
     if claim.gave_up:
-        log.warning("%s: %d request(s) failed after killing their worker %d times", job_id, len(claim.gave_up), settings.max_attempts)
-    if not claim.requests:
-        return {"claimed": 0}
-    rows: list[Request] = claim.requests
+        log.warning("%s: %d request(s) failed after their worker died %d times", job_id, len(claim.gave_up),
+                    settings.max_attempts)
+    return claim.requests
+
+
+def _generate_and_record(service: WorkerService, job_id: str, adapter: str, rows: list[Request], *,
+                         alone: bool) -> dict:
+    from lorabatch.worker.engine import GenerationRequest, SamplingParams
+
     requests = [
-        GenerationRequest(key=r.idx, adapter=r.adapter, prompt=r.prompt, messages=r.messages,
+        GenerationRequest(key=(job_id, r.idx), adapter=r.adapter, prompt=r.prompt, messages=r.messages,
                           params=SamplingParams(**{**r.params, "stop": tuple(r.params.get("stop", ()))}))
         for r in rows
     ]
-    # A request that was running when a worker died may be what killed it: run it alone.
-    alone = any(r.attempts > 1 for r in rows)
     try:
         results = service.generate(requests, alone=alone)
     except ShuttingDown:
+        idxs = [r.idx for r in rows]
         with_db_retry(service, lambda s: lifecycle.release_requests(s, job_id=job_id, worker_id=service.worker_id,
-                                                                    idxs=[r.idx for r in rows]), what="handing back work")
-        broker.enqueue(service.app, job_id, adapter, [r.idx for r in rows], priority=5)
+                                                                    idxs=idxs), what="handing back work")
+        broker.enqueue(service.app, job_id, adapter, idxs, priority=5)
         return {"handed_back": len(rows)}
     except Exception as e:  # an engine bug must not strand the requests as running
         log.exception("engine failed on %s", job_id)
-        results = None
         error = f"internal error in the engine: {type(e).__name__}: {e}"
-    if results is None:
         outcomes = [lifecycle.Outcome(idx=r.idx, output=None, finish_reason=None, prompt_tokens=0,
                                       completion_tokens=0, error=error) for r in rows]
     else:
-        outcomes = [lifecycle.Outcome(idx=res.key, output=res.output, finish_reason=res.finish_reason,
+        outcomes = [lifecycle.Outcome(idx=res.key[1], output=res.output, finish_reason=res.finish_reason,
                                       prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens,
                                       error=res.error) for res in results]
     recorded = with_db_retry(

@@ -84,13 +84,16 @@ class MergedWeights:
 
 
 class RowAdapterNames:
-    """The adapter of each row of the running batch ("__base__" for none); shrinks as rows are dropped."""
+    """The adapter of each row ("__base__" for none) of the forwards now running: a batch's rows, or the
+    subset of them in a prefill chunk or left after finished rows were dropped."""
 
     def __init__(self, names: list[str]) -> None:
+        self.batch = list(names)
         self.names = list(names)
 
-    def keep(self, kept: list[int]) -> None:
-        self.names = [self.names[j] for j in kept]
+    def use(self, rows: list[int]) -> None:
+        """The next forwards run these rows of the batch, in this order."""
+        self.names = [self.batch[i] for i in rows]
 
     def _inject(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         # Read at call time, so dropping rows mid-generation needs no new hooks.

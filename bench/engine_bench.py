@@ -1,0 +1,194 @@
+"""Throughput of the generation engine against what users write by hand, on random-weight Qwen2 shapes.
+
+Workload: N requests round-robin over the four demo adapters and base, prompt lengths drawn uniformly
+from 8-256 tokens (fixed seed), greedy, exactly 64 new tokens each (eos ignored, so every way produces the
+same token count). Ways compared, in tokens/s (completion tokens / wall seconds, prefill included):
+
+    peft one-at-a-time  PeftModel with all adapters, set_adapter (or disable_adapter) + generate per prompt,
+                        on a subset (it is slow); eos suppressed with min_new_tokens
+    ceiling             the engine on a plain base model (no LoRA layers at all), every request "base",
+                        batches of max_batch_size sorted by length
+    merged / separate / auto   the engine with the four adapters in each weights mode
+
+Each engine way runs ``--rounds`` times, interleaved, and the best round counts: this machine is shared, and
+the best round is the one least disturbed by other processes. Functions here are meant to be reused by a
+larger benchmark; ``python bench/engine_bench.py --help`` for the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorabatch.schemas.settings import BASE_ADAPTER
+from lorabatch.worker.adapters import AdapterManager
+from lorabatch.worker.demo_model import DEMO_ADAPTERS, DEMO_MODEL_DIR, build_demo
+from lorabatch.worker.engine import Engine, GenerationRequest, SamplingParams
+
+SHAPES = {
+    "demo": dict(hidden_size=256, num_layers=4),
+    "qwen0.5b-4l": dict(hidden_size=896, num_layers=4, num_heads=14, num_kv_heads=2, intermediate_size=4864),
+}
+"""Model shapes: the tiny demo, and Qwen2.5-0.5B's layer shape cut to 4 layers (vocab 4096)."""
+
+
+@dataclass
+class Measurement:
+    way: str
+    tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def build_shape(root: Path, shape: str) -> Path:
+    """Build (or reuse) the demo model and adapters of ``shape`` under root/shape."""
+    return build_demo(root / shape, **SHAPES[shape])
+
+
+def load_model(model_dir: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def make_workload(
+    tokenizer, *, n: int = 256, adapters: list[str], min_len: int = 8, max_len: int = 256, new_tokens: int = 64,
+    seed: int = 0,
+) -> list[GenerationRequest]:
+    """n greedy requests, round-robin over ``adapters``, prompt lengths uniform in [min_len, max_len] tokens."""
+    rng = random.Random(seed)
+    words = ["the", "cat", "sat", "on", "a", "mat", "while", "dragons", "bake", "bread", "by", "the", "sea",
+             "summarise", "this", "text", "about", "1", "2", "3", "and", "why", "is", "it", "so"]
+    requests = []
+    for i in range(n):
+        target = rng.randint(min_len, max_len)
+        ids = tokenizer(" ".join(rng.choice(words) for _ in range(target * 2)))["input_ids"][:target]
+        prompt = tokenizer.decode(ids)
+        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+        requests.append(GenerationRequest(i, adapters[i % len(adapters)], params, prompt=prompt))
+    return requests
+
+
+def run_engine(engine: Engine, requests: list[GenerationRequest], *, weights: str, way: str) -> Measurement:
+    engine.weights = weights
+    start = time.perf_counter()
+    results = engine.generate(requests)
+    seconds = time.perf_counter() - start
+    errors = [r.error for r in results if r.error]
+    if errors:
+        raise RuntimeError(f"{way}: {len(errors)} requests failed, e.g. {errors[0]}")
+    return Measurement(way, sum(r.completion_tokens for r in results), seconds)
+
+
+def run_peft_one_at_a_time(root: Path, requests: list[GenerationRequest]) -> Measurement:
+    """What users write by hand: one PeftModel, set_adapter + generate per prompt."""
+    from peft import PeftModel
+
+    model, tokenizer = load_model(root / DEMO_MODEL_DIR)
+    names = list(DEMO_ADAPTERS)
+    peft = PeftModel.from_pretrained(model, root / DEMO_ADAPTERS[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        peft.load_adapter(root / DEMO_ADAPTERS[name], adapter_name=name)
+    peft.eval()
+    tokens = 0
+    start = time.perf_counter()
+    for request in requests:
+        inputs = tokenizer(request.prompt, return_tensors="pt")
+        n = request.params.max_new_tokens
+        kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        with torch.inference_mode():
+            if request.adapter == BASE_ADAPTER:
+                with peft.disable_adapter():
+                    out = peft.generate(**inputs, **kwargs)
+            else:
+                peft.set_adapter(request.adapter)
+                out = peft.generate(**inputs, **kwargs)
+        tokens += out.shape[1] - inputs["input_ids"].shape[1]
+    return Measurement("peft one-at-a-time", tokens, time.perf_counter() - start)
+
+
+def engine_for(root: Path, *, adapters: bool, max_batch_size: int, max_batch_tokens: int) -> Engine:
+    model, tokenizer = load_model(root / DEMO_MODEL_DIR)
+    dirs = {n: root / p for n, p in DEMO_ADAPTERS.items()} if adapters else {}
+    manager = AdapterManager(dirs, base_model=str(root / DEMO_MODEL_DIR), max_resident=8)
+    return Engine(model, tokenizer, manager, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens)
+
+
+def bench_shape(
+    root: Path, *, n: int, one_at_a_time: int, rounds: int, max_batch_size: int, max_batch_tokens: int,
+    new_tokens: int = 64,
+) -> list[Measurement]:
+    """Every way on one model shape; the best of ``rounds`` interleaved rounds for each engine way."""
+    names = [BASE_ADAPTER, *DEMO_ADAPTERS]
+    with_adapters = engine_for(root, adapters=True, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens)
+    plain = engine_for(root, adapters=False, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens)
+    requests = make_workload(with_adapters.tokenizer, n=n, adapters=names, new_tokens=new_tokens)
+    base_requests = [GenerationRequest(r.key, BASE_ADAPTER, r.params, prompt=r.prompt) for r in requests]
+    # Warm-up: first-call allocations and adapter loading are not what is measured.
+    warm = requests[: len(names) * 2]
+    plain.generate(base_requests[:4])
+    for weights in ("merged", "separate"):
+        run_engine(with_adapters, warm, weights=weights, way="warm-up")
+    ways = [
+        ("ceiling (engine, base only, no LoRA layers)", plain, base_requests, "merged"),
+        ("engine merged", with_adapters, requests, "merged"),
+        ("engine separate (mixed)", with_adapters, requests, "separate"),
+        ("engine auto", with_adapters, requests, "auto"),
+    ]
+    best: dict[str, Measurement] = {}
+    for _ in range(rounds):
+        for way, engine, reqs, weights in ways:
+            m = run_engine(engine, reqs, weights=weights, way=way)
+            if way not in best or m.tokens_per_s > best[way].tokens_per_s:
+                best[way] = m
+    subset = requests[:: max(1, len(requests) // one_at_a_time)][:one_at_a_time]
+    return [run_peft_one_at_a_time(root, subset), *best.values()]
+
+
+def print_table(shape: str, measurements: list[Measurement]) -> None:
+    by_way = {m.way: m for m in measurements}
+    ceiling = next(m for m in measurements if m.way.startswith("ceiling")).tokens_per_s
+    one = by_way["peft one-at-a-time"].tokens_per_s
+    print(f"\n## {shape}  (torch threads: {torch.get_num_threads()}, load average: {os.getloadavg()[0]:.1f})")
+    print("| way | tokens | seconds | tokens/s | x ceiling | x one-at-a-time |")
+    print("|---|---|---|---|---|---|")
+    for m in measurements:
+        print(f"| {m.way} | {m.tokens} | {m.seconds:.1f} | {m.tokens_per_s:.0f} | "
+              f"{m.tokens_per_s / ceiling:.2f} | {m.tokens_per_s / one:.1f} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--one-at-a-time", type=int, default=10, help="requests for the slow PEFT baseline")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-batch-tokens", type=int, default=16384)
+    parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "lorabatch-bench")
+    args = parser.parse_args(argv)
+    for shape in args.shapes:
+        root = build_shape(args.root, shape)
+        measurements = bench_shape(
+            root, n=args.requests, one_at_a_time=args.one_at_a_time, rounds=args.rounds,
+            max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens, new_tokens=args.new_tokens,
+        )
+        print_table(shape, measurements)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
