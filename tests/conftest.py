@@ -9,6 +9,7 @@ LORABATCH_TEST_BROKER_URL (e.g. redis://127.0.0.1:6379/15) and LORABATCH_TEST_DA
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -100,6 +101,16 @@ def ctx(config_path: Path) -> Context:
     c = Context(load_settings(config_path, environ={}))
     yield c
     c.close()
+
+
+def tune_config(config_path: Path, section: str, **options) -> None:
+    """Set options of one [section] of the test config, replacing earlier values."""
+    lines = config_path.read_text().splitlines()
+    at = lines.index(f"[{section}]") + 1
+    end = next((i for i in range(at, len(lines)) if lines[i].startswith("[")), len(lines))
+    body = [l for l in lines[at:end] if l.split("=")[0].strip() not in options]
+    body[:0] = [f"{k} = {json.dumps(v)}" for k, v in options.items()]
+    config_path.write_text("\n".join(lines[:at] + body + lines[end:]) + "\n")
 
 
 def run_cli(config_path: Path, *args: str, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

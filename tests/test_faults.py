@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from lorabatch import broker
 from lorabatch.schemas.tables import Request
-from tests.conftest import WorkerProcess, run_cli, wait_for_job
+from tests.conftest import WorkerProcess, run_cli, tune_config, wait_for_job
 
 pytestmark = pytest.mark.slow
 
@@ -27,11 +27,7 @@ FAST_RECOVERY = {"lease_seconds": 5, "heartbeat_seconds": 0.5, "reconcile_second
 
 
 def tune_worker(config_path: Path, **options) -> None:
-    """Set [worker] options in the test config."""
-    lines = [l for l in config_path.read_text().splitlines() if l.split("=")[0].strip() not in options]
-    at = lines.index("[worker]") + 1
-    lines[at:at] = [f"{k} = {json.dumps(v)}" for k, v in options.items()]
-    config_path.write_text("\n".join(lines) + "\n")
+    tune_config(config_path, "worker", **options)
 
 
 def submit_lines(config_path: Path, path: Path, lines: list[dict]) -> str:
@@ -233,9 +229,9 @@ def test_redis_restarted_empty_mid_job(config_path, tmp_path, ctx, start_worker)
     port = _free_port()
     server = RedisServer(port, tmp_path / "redis")
     server.start()
-    text = config_path.read_text()
-    config_path.write_text(text.replace("broker_url =", f'broker_url = "redis://127.0.0.1:{port}/0"\n#', 1))
-    tune_worker(config_path, **FAST_RECOVERY)
+    tune_config(config_path, "service", broker_url=f"redis://127.0.0.1:{port}/0")
+    # One message held at a time: the rest wait in Redis and are lost with it.
+    tune_worker(config_path, **{**FAST_RECOVERY, "concurrency": 1})
     n = 80
     try:
         job_id = submit_lines(config_path, tmp_path / "in.jsonl", work(n))
@@ -334,8 +330,7 @@ def test_database_unreachable_mid_job(config_path, tmp_path, ctx, start_worker, 
     url = make_url(database_url)
     cutter = TcpCutter((url.host or "127.0.0.1", url.port or 5432))
     proxied = url.set(host="127.0.0.1", port=cutter.port).render_as_string(hide_password=False)
-    text = config_path.read_text()
-    config_path.write_text(text.replace("database_url =", f'database_url = "{proxied}"\n#', 1))
+    tune_config(config_path, "service", database_url=proxied)
     tune_worker(config_path, **{**FAST_RECOVERY, "lease_seconds": 30})
     n = 60
     try:

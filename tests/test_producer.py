@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import func, select
 
 from lorabatch.schemas.tables import Job, Request
-from tests.conftest import _redis_client, run_cli
+from tests.conftest import _redis_client, run_cli, tune_config
 
 GOOD = [
     {"custom_id": "a", "adapter": "sft", "prompt": "Hello there"},
@@ -140,13 +140,13 @@ def test_results_formats_to_file(config_path, tmp_path):
 def test_unreachable_services_are_named_without_password(config_path, tmp_path):
     """Unreachable Redis or database: exit 2, the URL named with its password hidden."""
     f = str(write_jsonl(tmp_path / "in.jsonl", GOOD))
-    bad_redis = config_path.read_text().replace("broker_url =", 'broker_url = "redis://u:s3cret@127.0.0.1:1/0"\n#')
     cfg = tmp_path / "bad-redis.toml"
-    cfg.write_text(bad_redis)
+    cfg.write_text(config_path.read_text())
+    tune_config(cfg, "service", broker_url="redis://u:s3cret@127.0.0.1:1/0")
     r = run_cli(cfg, "submit", f)
     assert r.returncode == 2 and "cannot reach Redis at redis://u:***@127.0.0.1:1/0" in r.stderr and "s3cret" not in r.stderr
-    bad_db = config_path.read_text().replace("database_url =", 'database_url = "postgresql+psycopg://u:s3cret@127.0.0.1:1/x"\n#')
-    cfg.write_text(bad_db)
+    cfg.write_text(config_path.read_text())
+    tune_config(cfg, "service", database_url="postgresql+psycopg://u:s3cret@127.0.0.1:1/x")
     r = run_cli(cfg, "status", "job-x")
     assert r.returncode == 2 and "cannot reach the database at postgresql+psycopg://u:***@127.0.0.1:1/x" in r.stderr
     assert "s3cret" not in r.stderr + r.stdout
