@@ -26,7 +26,10 @@ RUN_TASK = "lorabatch.run"
 EPOCH_KEY = "lorabatch:epoch"
 """Set in Redis alongside the queue. When it is missing, Redis lost its data: reconcile from SQL."""
 CHUNK_SIZE = 16
-"""Requests per queue message. Small, so a worker's held messages spread over many jobs and adapters."""
+"""Requests per queue message for small jobs: small, so a worker's held messages spread over many
+jobs and adapters. Large jobs use larger messages (see chunk_size_for): publishing costs about a
+millisecond per message, and their requests fill batches on their own."""
+MAX_CHUNK_SIZE = 256
 EMBEDDED_START_SECONDS = 10.0
 
 
@@ -69,13 +72,19 @@ def celery_priority(priority: int) -> int:
     return 9 - priority
 
 
+def chunk_size_for(total: int) -> int:
+    """Requests per message for a job of `total` requests: 16 up to 16k requests, then growing to 256."""
+    return max(CHUNK_SIZE, min(MAX_CHUNK_SIZE, total // 1000))
+
+
 def chunked(idxs: list[int], size: int = CHUNK_SIZE) -> list[list[int]]:
     return [idxs[i : i + size] for i in range(0, len(idxs), size)]
 
 
-def enqueue(app: Celery, job_id: str, adapter: str, idxs: list[int], *, priority: int) -> int:
-    """Send references to `idxs` of one job and adapter, CHUNK_SIZE per message. Returns messages sent."""
-    chunks = chunked(idxs)
+def enqueue(app: Celery, job_id: str, adapter: str, idxs: list[int], *, priority: int,
+            chunk_size: int = CHUNK_SIZE) -> int:
+    """Send references to `idxs` of one job and adapter, `chunk_size` per message. Returns messages sent."""
+    chunks = chunked(idxs, chunk_size)
     with app.producer_or_acquire() as producer:
         for chunk in chunks:
             app.send_task(RUN_TASK, args=[job_id, adapter, chunk], queue=QUEUE,
@@ -156,9 +165,17 @@ def stop_embedded_redis(state_dir: Path) -> bool:
     if not pidfile.exists():
         return False
     try:
-        os.kill(int(pidfile.read_text().strip()), 15)
+        pid = int(pidfile.read_text().strip())
+        os.kill(pid, 15)
     except (ValueError, ProcessLookupError):
         return False
+    deadline = time.monotonic() + EMBEDDED_START_SECONDS
+    while time.monotonic() < deadline:  # wait until it has let go of its files
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
     return True
 
 

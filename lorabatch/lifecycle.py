@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, insert, literal, or_, select, update
+from sqlalchemy import and_, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from lorabatch.errors import NotFound, UsageError
@@ -61,8 +61,8 @@ def create_job(session: Session, *, job_id: str, total: int, name: str | None = 
 
 def add_requests(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     """Bulk-insert queued requests (dicts of Request columns)."""
-    if rows:
-        session.execute(insert(Request), list(rows))
+    if rows:  # Core executemany: much faster than the ORM's bulk path for millions of rows
+        session.execute(Request.__table__.insert(), list(rows))
 
 
 def cancel_job(session: Session, job_id: str) -> Job:

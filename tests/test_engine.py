@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 import threading
 from pathlib import Path
@@ -22,6 +23,8 @@ PROMPTS = [
     "Write a long story about a dragon who learns to bake bread in a small village by the sea, with many details.",
     "1 2 3 4 5 6 7",
     "What is the capital of France?",
+    # long enough that a batch holding it is prefilled in several chunks
+    " ".join(["The quick brown fox jumps over the lazy dog near the river bank at dawn."] * 10),
 ]
 
 
@@ -55,7 +58,8 @@ def reference(demo_root: Path):
     for name in names[1:]:
         peft.load_adapter(demo_root / DEMO_ADAPTERS[name], adapter_name=name)
 
-    def generate(adapter: str, ids: list[int], max_new_tokens: int) -> list[int]:
+    @functools.lru_cache(maxsize=None)
+    def generate(adapter: str, ids: tuple[int, ...], max_new_tokens: int) -> list[int]:
         inputs = torch.tensor([ids])
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False)
         if adapter == BASE_ADAPTER:
@@ -94,7 +98,7 @@ def test_greedy_batches_equal_plain_peft_one_at_a_time(engine, reference, weight
     assert [r.key for r in results] == [q.key for q in requests]
     for request, result in zip(requests, results):
         assert result.error is None
-        expected = reference(request.adapter, token_ids(engine, request), request.params.max_new_tokens)
+        expected = reference(request.adapter, tuple(token_ids(engine, request)), request.params.max_new_tokens)
         assert result.output == engine.tokenizer.decode(expected, skip_special_tokens=True), (weights, request)
         assert result.completion_tokens == len(expected)
         assert result.finish_reason == ("stop" if expected[-1] in engine.eos else "length")
@@ -142,6 +146,7 @@ def test_seeded_sampling_is_reproducible_in_any_batch(engine):
         GenerationRequest(2, "sft", sampled(None), prompt=PROMPTS[2]),
         GenerationRequest(3, "dpo", SamplingParams(max_new_tokens=20, temperature=1.5, top_k=5, seed=1), prompt=PROMPTS[3]),
         GenerationRequest(4, BASE_ADAPTER, sampled(99), prompt=PROMPTS[4]),
+        GenerationRequest(5, "dpo", sampled(3), prompt=PROMPTS[5]),  # another prefill chunk
     ]
     for weights in ("merged", "separate", "auto"):
         engine.weights = weights

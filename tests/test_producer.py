@@ -161,3 +161,15 @@ def test_init_writes_config(tmp_path):
     s = load_settings(tmp_path / "proj" / "lorabatch.toml", environ={})
     assert set(s.adapters) == {"sft", "sft-ckpt39", "dpo-ckpt3", "dpo"} and s.worker.weights == "auto"
     assert run_cli(tmp_path / "unused.toml", "init", str(tmp_path / "proj")).returncode == 2
+
+
+def test_prompt_longer_than_context_is_rejected(config_path, tmp_path, ctx):
+    """A prompt that cannot fit the model's context (2048 for the demo) is bad input, found at submit."""
+    long_prompt = " ".join(f"word{i}" for i in range(3000))
+    lines = [GOOD[0], {"custom_id": "long", "adapter": "sft", "prompt": long_prompt, "max_new_tokens": 16},
+             {"custom_id": "fits", "adapter": "sft", "prompt": "short", "max_new_tokens": 2000}]
+    r = run_cli(config_path, "submit", str(write_jsonl(tmp_path / "long.jsonl", lines)))
+    assert r.returncode == 2, r.stderr
+    assert "line 2:" in r.stderr and "exceeds the model's context of 2048 tokens" in r.stderr
+    assert "line 3" not in r.stderr
+    assert count_jobs(ctx) == 0

@@ -1,0 +1,93 @@
+"""Submitting a very large file: time, peak memory, Redis bytes per queued request, status latency.
+
+    python bench/scale_bench.py [--lines 1000000]
+
+Runs `lorabatch submit` as its own process on embedded defaults (embedded Redis, SQLite) in a
+fresh temporary state directory, so nothing else is touched. No worker runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ADAPTERS = ["sft", "sft-ckpt39", "dpo-ckpt3", "dpo", "base"]
+
+
+def write_input(path: Path, n: int) -> None:
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({"custom_id": f"row-{i}", "adapter": ADAPTERS[i % 5],
+                                "prompt": f"Summarise item {i}: the quick brown fox jumps over the lazy dog.",
+                                "max_new_tokens": 64}) + "\n")
+
+
+def redis_used_memory(url: str) -> int:
+    import redis
+
+    client = redis.Redis(unix_socket_path=url[len("redis+socket://"):])
+    return int(client.info("memory")["used_memory"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lines", type=int, default=1_000_000)
+    args = ap.parse_args()
+
+    from lorabatch import broker
+    from lorabatch.producer.context import Context
+    from lorabatch.producer.status import read_summary
+    from lorabatch.schemas.settings import load_settings
+
+    with tempfile.TemporaryDirectory(prefix="lorabatch-scale-") as tmp:
+        tmp = Path(tmp)
+        cfg = tmp / "lorabatch.toml"
+        cfg.write_text("[adapters]\n" + "".join(f'{a} = "adapters/{a}"\n' for a in ADAPTERS[:4])
+                       + f'\n[service]\nstate_dir = "{tmp / "state"}"\n')
+        infile = tmp / "in.jsonl"
+        t0 = time.perf_counter()
+        write_input(infile, args.lines)
+        print(f"wrote {args.lines} lines ({infile.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t0:.1f}s")
+
+        settings = load_settings(cfg, environ={})
+        url = broker.ensure_embedded_redis(settings.state_path)
+        before = redis_used_memory(url)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LORABATCH_")}
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "lorabatch.producer.cli", "--config", str(cfg), "submit",
+                                 str(infile), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
+        if status != 0:
+            raise SystemExit(f"submit failed: {err}")
+        job_id = json.loads(out)["id"]
+        per_request = (redis_used_memory(url) - before) / args.lines
+
+        ctx = Context(settings)
+        read_summary(ctx.sessions, job_id)
+        t0 = time.perf_counter()
+        rounds = 200
+        for _ in range(rounds):
+            summary = read_summary(ctx.sessions, job_id)
+        status_ms = (time.perf_counter() - t0) / rounds * 1000
+        assert summary["counts"]["queued"] == args.lines
+        ctx.close()
+        broker.stop_embedded_redis(settings.state_path)
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"| lines | submit wall | lines/s | submit peak RSS | Redis bytes / queued request | status |")
+    print(f"|---|---|---|---|---|---|")
+    print(f"| {args.lines:,} | {wall:.1f} s | {args.lines / wall:,.0f} | {usage.ru_maxrss / 1024:.0f} MB "
+          f"| {per_request:.0f} | {status_ms:.2f} ms |")
+
+
+if __name__ == "__main__":
+    main()
