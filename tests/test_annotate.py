@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from lorabatch.errors import InvalidInput, UsageError
-from lorabatch.producer import annotate as an
+from lorabatch.producer import annotation as an
 from lorabatch.schemas.tables import Job, Request
 from tests.conftest import run_cli
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from lorabatch.producer import annotate as an
+from lorabatch.producer import annotation as an
 from lorabatch.producer import schedules
 from lorabatch.producer.beat import DatabaseScheduler
 from lorabatch.producer.context import Context

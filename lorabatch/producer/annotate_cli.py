@@ -40,7 +40,7 @@ def _annotation_options(fn):
 
 def _spec(ctx, datasets, *, template, adapter, output, column, max_new_tokens, temperature, seed, priority, job_name,
           absolute=False):
-    from lorabatch.producer.annotate import build_spec
+    from lorabatch.producer.annotation import build_spec
 
     return build_spec(ctx.settings, datasets, template=template, adapter=adapter, column=column, output=output,
                       priority=priority, name=job_name, absolute=absolute,
@@ -67,7 +67,7 @@ def annotate(click_ctx, dataset, no_wait, fresh, as_json, **options) -> None:
     columns, in the input's format. Rows answered before with the same template, adapter and
     parameters reuse their answer; only the others go to the workers.
     """
-    from lorabatch.producer import annotate as an
+    from lorabatch.producer import annotation as an
     from lorabatch.producer.status import watch
 
     ctx = _context(click_ctx)
@@ -135,7 +135,7 @@ def schedule_add(click_ctx, name, dataset, cron, tz, replace, **options) -> None
     The template is read now and stored with the schedule; add it again with --replace to change it.
     """
     from lorabatch.producer import schedules
-    from lorabatch.producer.annotate import resolve_datasets
+    from lorabatch.producer.annotation import resolve_datasets
 
     ctx = _context(click_ctx)
     schedules.check_cron(cron, tz)
@@ -219,7 +219,7 @@ def schedule_disable(click_ctx, name) -> None:
 @click.pass_context
 def schedule_run_now(click_ctx, name, wait, as_json) -> None:
     """Run schedule NAME now, as a firing would (its next slot is unchanged)."""
-    from lorabatch.producer import annotate as an
+    from lorabatch.producer import annotation as an
     from lorabatch.producer import schedules
 
     ctx = _context(click_ctx)

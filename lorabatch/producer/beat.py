@@ -19,7 +19,7 @@ from celery.beat import Scheduler
 
 from lorabatch.db import database_url
 from lorabatch.producer import schedules
-from lorabatch.producer.annotate import annotation_sessions
+from lorabatch.producer.annotation import annotation_sessions
 from lorabatch.producer.context import Context
 from lorabatch.schemas.settings import hide_password
 from lorabatch.schemas.tables import utcnow

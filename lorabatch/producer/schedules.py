@@ -6,7 +6,7 @@ was added, replaced or enabled again). Firing
 claims the slot with a conditional UPDATE (`last_fired_at < slot`), in the same transaction
 that records the run, so two beats never both fire one slot. A beat that was down fires only
 the latest missed slot, once. The run is then submitted as a normal job tagged with the
-schedule's name; the beat writes its output when the job ends (annotate.finish_detached_runs).
+schedule's name; the beat writes its output when the job ends (annotation.finish_detached_runs).
 
 Time: `now` is naive UTC (as every stored timestamp) and always passed in, so tests can move
 the clock. The cron expression is read in the schedule's time zone.
@@ -23,7 +23,7 @@ from sqlalchemy import select, update
 
 from lorabatch.db import transaction
 from lorabatch.errors import NotFound, UsageError
-from lorabatch.producer import annotate
+from lorabatch.producer import annotation
 from lorabatch.producer.context import Context
 from lorabatch.schemas.annotation_tables import AnnotationRun, Schedule
 from lorabatch.schemas.tables import Job, utcnow
@@ -91,14 +91,14 @@ def due_slot(schedule: Schedule, now: datetime) -> datetime | None:
 # ---------------------------------------------------------------- managing schedules
 
 
-def add_schedule(ctx: Context, name: str, *, cron: str, tz: str, spec: annotate.RunSpec, replace: bool = False,
+def add_schedule(ctx: Context, name: str, *, cron: str, tz: str, spec: annotation.RunSpec, replace: bool = False,
                  now: datetime | None = None) -> Schedule:
     """Store a schedule (validated by the caller's build_spec). `replace` overwrites one of that name;
     either way only slots after `now` fire."""
     if not NAME_RE.match(name):
         raise UsageError(f"schedule name {name!r} is not allowed; use letters, digits, '.', '_' or '-' (at most 100).")
     check_cron(cron, tz)
-    with transaction(annotate.annotation_sessions(ctx)) as s:
+    with transaction(annotation.annotation_sessions(ctx)) as s:
         existing = s.get(Schedule, name, with_for_update=True)
         if existing is not None and not replace:
             raise UsageError(f"schedule {name!r} already exists; pass --replace to change it, or choose another name.")
@@ -111,7 +111,7 @@ def add_schedule(ctx: Context, name: str, *, cron: str, tz: str, spec: annotate.
 
 
 def get_schedule(ctx: Context, name: str) -> Schedule:
-    with annotate.annotation_sessions(ctx)() as s:
+    with annotation.annotation_sessions(ctx)() as s:
         schedule = s.get(Schedule, name)
     if schedule is None:
         raise NotFound(f"no schedule named {name!r}; list them with `lorabatch schedule list`.")
@@ -121,7 +121,7 @@ def get_schedule(ctx: Context, name: str) -> Schedule:
 def remove_schedule(ctx: Context, name: str) -> None:
     """Delete a schedule. Its past jobs and runs stay."""
     get_schedule(ctx, name)
-    with transaction(annotate.annotation_sessions(ctx)) as s:
+    with transaction(annotation.annotation_sessions(ctx)) as s:
         s.execute(Schedule.__table__.delete().where(Schedule.name == name))
 
 
@@ -131,7 +131,7 @@ def set_enabled(ctx: Context, name: str, *, enabled: bool, now: datetime | None 
     values: dict = {"enabled": enabled}
     if enabled and not sch.enabled:
         values["counts_from"] = now or utcnow()
-    with transaction(annotate.annotation_sessions(ctx)) as s:
+    with transaction(annotation.annotation_sessions(ctx)) as s:
         s.execute(update(Schedule).where(Schedule.name == name).values(**values)
                   .execution_options(synchronize_session=False))
 
@@ -140,7 +140,7 @@ def list_schedules(ctx: Context, *, now: datetime | None = None) -> list[dict]:
     """Every schedule with its next slot and its latest run."""
     now = now or utcnow()
     out = []
-    with annotate.annotation_sessions(ctx)() as s:
+    with annotation.annotation_sessions(ctx)() as s:
         for sch in s.scalars(select(Schedule).order_by(Schedule.name)):
             run = s.scalars(select(AnnotationRun).where(AnnotationRun.schedule == sch.name)
                             .order_by(AnnotationRun.created_at.desc()).limit(1)).first()
@@ -167,11 +167,11 @@ def _iso(moment: datetime | None) -> str | None:
 # ---------------------------------------------------------------- firing
 
 
-def run_now(ctx: Context, name: str) -> tuple[str, annotate.Plan]:
+def run_now(ctx: Context, name: str) -> tuple[str, annotation.Plan]:
     """Start a run of the schedule at once (the same path as a firing); does not move its slot."""
     sch = get_schedule(ctx, name)
-    run_id = annotate.create_run(ctx, annotate.RunSpec.from_dict(sch.spec), schedule=name, detached=True)
-    return run_id, annotate.submit_run(ctx, run_id)
+    run_id = annotation.create_run(ctx, annotation.RunSpec.from_dict(sch.spec), schedule=name, detached=True)
+    return run_id, annotation.submit_run(ctx, run_id)
 
 
 def claim_slot(session, name: str, slot: datetime) -> bool:
@@ -188,7 +188,7 @@ def claim_slot(session, name: str, slot: datetime) -> bool:
 
 def _enabled(ctx: Context) -> list[Schedule]:
     # Read and close: on SQLite every transaction holds the write lock (BEGIN IMMEDIATE).
-    with annotate.annotation_sessions(ctx)() as s:
+    with annotation.annotation_sessions(ctx)() as s:
         return list(s.scalars(select(Schedule).where(Schedule.enabled.is_(True)).order_by(Schedule.name)))
 
 
@@ -199,10 +199,10 @@ def fire_due(ctx: Context, *, now: datetime) -> list[str]:
         slot = due_slot(sch, now)
         if slot is None:
             continue
-        with transaction(annotate.annotation_sessions(ctx)) as s:
+        with transaction(annotation.annotation_sessions(ctx)) as s:
             if not claim_slot(s, sch.name, slot):
                 continue  # another beat fired it
-            run_id = annotate.create_run(ctx, annotate.RunSpec.from_dict(sch.spec), schedule=sch.name,
+            run_id = annotation.create_run(ctx, annotation.RunSpec.from_dict(sch.spec), schedule=sch.name,
                                          detached=True, session=s, slot=slot)
         started.append(run_id)
         _submit_logged(ctx, run_id, f"schedule {sch.name} fired for {slot:%Y-%m-%d %H:%M} UTC")
@@ -211,11 +211,11 @@ def fire_due(ctx: Context, *, now: datetime) -> list[str]:
 
 def _submit_logged(ctx: Context, run_id: str, what: str) -> None:
     try:
-        plan = annotate.submit_run(ctx, run_id)
+        plan = annotation.submit_run(ctx, run_id)
     except UsageError as e:  # recorded on the run; shown by `schedule list`
         log.error("%s: run %s not started: %s", what, run_id, e)
         return
-    run = annotate.get_run(ctx, run_id)
+    run = annotation.get_run(ctx, run_id)
     log.info("%s: run %s, job %s: %d distinct requests submitted, %d answered before%s", what, run_id,
              run.job_id or "(none needed)", len(plan.to_submit), plan.reused,
              f", waiting on {', '.join(plan.waits_on)}" if plan.waits_on else "")
@@ -227,8 +227,8 @@ def beat_tick(ctx: Context, *, now: datetime) -> float | None:
     Each step's failure is logged and does not stop the others."""
     steps = (
         ("firing schedules", lambda: fire_due(ctx, now=now)),
-        ("resubmitting stalled runs", lambda: [_submit_logged(ctx, r, "stalled run") for r in annotate.stalled_runs(ctx)]),
-        ("writing finished runs", lambda: [_log_written(r, w) for r, w in annotate.finish_detached_runs(ctx)]),
+        ("resubmitting stalled runs", lambda: [_submit_logged(ctx, r, "stalled run") for r in annotation.stalled_runs(ctx)]),
+        ("writing finished runs", lambda: [_log_written(r, w) for r, w in annotation.finish_detached_runs(ctx)]),
     )
     for what, step in steps:
         try:
@@ -243,6 +243,6 @@ def beat_tick(ctx: Context, *, now: datetime) -> float | None:
     return max(0.0, (min(slots) - now).total_seconds()) if slots else None
 
 
-def _log_written(run_id: str, written: annotate.Written) -> None:
+def _log_written(run_id: str, written: annotation.Written) -> None:
     counts = ", ".join(f"{k} {v}" for k, v in written.counts.items() if v)
     log.info("run %s written: %s (%s)", run_id, ", ".join(map(str, written.outputs)), counts or "no rows")
