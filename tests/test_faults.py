@@ -37,7 +37,7 @@ def submit_lines(config_path: Path, path: Path, lines: list[dict]) -> str:
     return json.loads(r.stdout)["id"]
 
 
-def work(n: int, *, max_new_tokens: int = 24) -> list[dict]:
+def work(n: int, *, max_new_tokens: int = 12) -> list[dict]:
     adapters = ["sft", "sft-ckpt39", "dpo-ckpt3", "dpo", "base"]
     return [{"custom_id": f"r{i}", "adapter": adapters[i % 5], "prompt": f"Item {i}: tell me about number {i}",
              "max_new_tokens": max_new_tokens} for i in range(n)]
@@ -93,7 +93,7 @@ def fault_worker(config_path: Path, log: Path, env: dict | None = None) -> Worke
 def test_kill_9_mid_job_several_times(config_path, tmp_path, ctx, start_worker):
     """SIGKILL the worker mid-job three times; the job still ends with every request exactly once."""
     tune_worker(config_path, max_attempts=5, **FAST_RECOVERY)  # a request may be running at all three kills
-    n = 80
+    n = 60
     job_id = submit_lines(config_path, tmp_path / "in.jsonl", work(n))
     workers = []
     for round_ in range(3):
@@ -158,8 +158,8 @@ def test_sigterm_hands_back_cleanly(config_path, tmp_path, ctx, start_worker):
 def test_two_workers_split_the_work(config_path, tmp_path, ctx, start_worker):
     """Two workers on one queue share a job; no request runs twice."""
     tune_worker(config_path, max_batch_size=4, concurrency=4)
-    n = 80
-    job_id = submit_lines(config_path, tmp_path / "in.jsonl", work(n, max_new_tokens=16))
+    n = 60
+    job_id = submit_lines(config_path, tmp_path / "in.jsonl", work(n))
     a, b = start_worker(ready=False), start_worker(ready=False)
     a.wait_ready()
     b.wait_ready()
@@ -173,8 +173,8 @@ def test_two_workers_split_the_work(config_path, tmp_path, ctx, start_worker):
 def test_cancel_keeps_finished_results(config_path, tmp_path, ctx, start_worker):
     """cancel mid-job: finished results stay, nothing queued runs afterwards, the job ends cancelled."""
     tune_worker(config_path, max_batch_size=2, concurrency=2)
-    n = 60
-    job_id = submit_lines(config_path, tmp_path / "in.jsonl", work(n, max_new_tokens=24))
+    n = 40
+    job_id = submit_lines(config_path, tmp_path / "in.jsonl", work(n, max_new_tokens=16))
     w = start_worker()
     wait_until(lambda: succeeded(ctx, job_id) >= 2, what="some results")
     r = run_cli(config_path, "cancel", job_id)
@@ -232,7 +232,7 @@ def test_redis_restarted_empty_mid_job(config_path, tmp_path, ctx, start_worker)
     tune_config(config_path, "service", broker_url=f"redis://127.0.0.1:{port}/0")
     # One message held at a time: the rest wait in Redis and are lost with it.
     tune_worker(config_path, **{**FAST_RECOVERY, "concurrency": 1})
-    n = 80
+    n = 60
     try:
         job_id = submit_lines(config_path, tmp_path / "in.jsonl", work(n))
         w = start_worker()
