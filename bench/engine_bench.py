@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ class Measurement:
     way: str
     tokens: int
     seconds: float
+    cpu_seconds: float = 0.0
+    """This process's CPU time: with one torch thread, a figure that other processes on the machine barely move."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -83,13 +86,13 @@ def make_workload(
 
 def run_engine(engine: Engine, requests: list[GenerationRequest], *, weights: str, way: str) -> Measurement:
     engine.weights = weights
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     results = engine.generate(requests)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     errors = [r.error for r in results if r.error]
     if errors:
         raise RuntimeError(f"{way}: {len(errors)} requests failed, e.g. {errors[0]}")
-    return Measurement(way, sum(r.completion_tokens for r in results), seconds)
+    return Measurement(way, sum(r.completion_tokens for r in results), seconds, cpu_seconds)
 
 
 def run_peft_one_at_a_time(root: Path, requests: list[GenerationRequest]) -> Measurement:
@@ -103,7 +106,7 @@ def run_peft_one_at_a_time(root: Path, requests: list[GenerationRequest]) -> Mea
         peft.load_adapter(root / DEMO_ADAPTERS[name], adapter_name=name)
     peft.eval()
     tokens = 0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for request in requests:
         inputs = tokenizer(request.prompt, return_tensors="pt")
         n = request.params.max_new_tokens
@@ -116,7 +119,7 @@ def run_peft_one_at_a_time(root: Path, requests: list[GenerationRequest]) -> Mea
                 peft.set_adapter(request.adapter)
                 out = peft.generate(**inputs, **kwargs)
         tokens += out.shape[1] - inputs["input_ids"].shape[1]
-    return Measurement("peft one-at-a-time", tokens, time.perf_counter() - start)
+    return Measurement("peft one-at-a-time", tokens, time.perf_counter() - start, time.process_time() - cpu)
 
 
 def engine_for(root: Path, *, adapters: bool, max_batch_size: int, max_batch_tokens: int) -> Engine:
@@ -151,22 +154,61 @@ def bench_shape(
     for _ in range(rounds):
         for way, engine, reqs, weights in ways:
             m = run_engine(engine, reqs, weights=weights, way=way)
+            print(f"  {way}: {m.tokens_per_s:.0f} tokens/s ({m.seconds:.1f} s)", file=sys.stderr, flush=True)
             if way not in best or m.tokens_per_s > best[way].tokens_per_s:
                 best[way] = m
-    subset = requests[:: max(1, len(requests) // one_at_a_time)][:one_at_a_time]
-    return [run_peft_one_at_a_time(root, subset), *best.values()]
+    return [run_peft_one_at_a_time(root, length_quantiles(requests, one_at_a_time, with_adapters)), *best.values()]
+
+
+def length_quantiles(requests: list[GenerationRequest], k: int, engine: Engine) -> list[GenerationRequest]:
+    """k requests at evenly spaced quantiles of prompt length: a small subset whose tokens/s stands for all."""
+    ordered = sorted(requests, key=lambda r: len(engine.encode(r)))
+    return [ordered[(2 * i + 1) * len(ordered) // (2 * k)] for i in range(k)]
+
+
+def measure_auto_rule(root: Path, *, sizes=(4, 8, 12, 16, 24, 32), new_tokens: int = 32, switches: int = 20) -> dict:
+    """What the auto rule weighs: tokens/s of one adapter merged in batches of n rows, against one mixed batch
+    of the largest size over every adapter and base, and the cost of switching the merged adapter."""
+    engine = engine_for(root, adapters=True, max_batch_size=max(sizes), max_batch_tokens=1 << 20)
+    names = [BASE_ADAPTER, *DEMO_ADAPTERS]
+    requests = make_workload(engine.tokenizer, n=max(sizes), adapters=names, new_tokens=new_tokens, seed=1)
+    run_engine(engine, requests[: len(names)], weights="separate", way="warm-up")
+    merged = {}
+    for n in sizes:
+        same = [GenerationRequest(r.key, "sft", r.params, prompt=r.prompt) for r in requests[:: max(sizes) // n][:n]]
+        merged[n] = run_engine(engine, same, weights="merged", way=f"merged {n}").tokens_per_s
+    mixed = run_engine(engine, requests, weights="separate", way="mixed").tokens_per_s
+    adapters = list(DEMO_ADAPTERS)
+    start = time.perf_counter()
+    for i in range(switches):
+        engine.adapters.merge(adapters[i % len(adapters)])
+    switch_ms = (time.perf_counter() - start) / switches * 1000
+    engine.adapters.restore_base_weights()
+    return {"merged": merged, "mixed": mixed, "mixed_rows": max(sizes), "switch_ms": switch_ms}
+
+
+def print_auto_rule(shape: str, m: dict) -> None:
+    print(f"\n## auto rule inputs, {shape}: one mixed batch of {m['mixed_rows']} rows (5 adapters): "
+          f"{m['mixed']:.0f} tokens/s; switching the merged adapter: {m['switch_ms']:.1f} ms")
+    print("| rows, one adapter merged | tokens/s | / mixed |")
+    print("|---|---|---|")
+    for n, tps in m["merged"].items():
+        print(f"| {n} | {tps:.0f} | {tps / m['mixed']:.2f} |")
 
 
 def print_table(shape: str, measurements: list[Measurement]) -> None:
     by_way = {m.way: m for m in measurements}
     ceiling = next(m for m in measurements if m.way.startswith("ceiling")).tokens_per_s
     one = by_way["peft one-at-a-time"].tokens_per_s
-    print(f"\n## {shape}  (torch threads: {torch.get_num_threads()}, load average: {os.getloadavg()[0]:.1f})")
-    print("| way | tokens | seconds | tokens/s | x ceiling | x one-at-a-time |")
-    print("|---|---|---|---|---|---|")
+    load = os.getloadavg()[0]
+    print(f"\n## {shape}  (torch threads: {torch.get_num_threads()}, 1-minute load average at the end: {load:.1f})")
+    if load > (os.cpu_count() or 1) + 0.5:
+        print("(other processes competed for the CPU during this run: its numbers are unreliable)")
+    print("| way | tokens | seconds | tokens/s | x ceiling | x one-at-a-time | tokens per CPU second |")
+    print("|---|---|---|---|---|---|---|")
     for m in measurements:
         print(f"| {m.way} | {m.tokens} | {m.seconds:.1f} | {m.tokens_per_s:.0f} | "
-              f"{m.tokens_per_s / ceiling:.2f} | {m.tokens_per_s / one:.1f} |")
+              f"{m.tokens_per_s / ceiling:.2f} | {m.tokens_per_s / one:.1f} | {m.tokens / m.cpu_seconds:.0f} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,9 +221,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-batch-tokens", type=int, default=16384)
     parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "lorabatch-bench")
+    parser.add_argument("--measure-auto", action="store_true", help="measure what the auto rule weighs, only")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     for shape in args.shapes:
         root = build_shape(args.root, shape)
+        if args.measure_auto:
+            print_auto_rule(shape, measure_auto_rule(root))
+            continue
         measurements = bench_shape(
             root, n=args.requests, one_at_a_time=args.one_at_a_time, rounds=args.rounds,
             max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens, new_tokens=args.new_tokens,

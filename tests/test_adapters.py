@@ -219,3 +219,26 @@ def test_error_inside_peft_leaves_no_hooks_behind(demo_dirs, base_dir):
     assert all(len(layer._forward_pre_hooks) == 0 for layer in manager._layers)
     with manager.rows(["sft", "base"]):
         assert torch.equal(logits(model, ids), before)
+
+
+def test_failed_first_load_leaves_the_base_model_clean(demo_dirs, base_dir, tmp_path):
+    """An adapter PEFT fails to inject halfway leaves no LoRA layer behind; a good adapter loads after it."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    folder = copy_adapter(demo_dirs["sft"], tmp_path / "unsupported")
+    edit_config(folder, target_modules=["v_proj", "mlp"])  # v_proj gets injected, then the MLP block is refused
+    model = load_model(base_dir)
+    ids = torch.tensor([[5, 17, 300, 42]])
+    before = logits(model, ids)
+    manager = AdapterManager({"bad": folder, "sft": demo_dirs["sft"]}, base_model=str(base_dir))
+    manager.bind(model)
+    with pytest.raises(AdapterError, match=r"loading .*unsupported failed"):
+        manager.load("bad")
+    assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+    assert torch.equal(logits(model, ids), before)
+    manager.load("sft")
+    with pytest.raises(AdapterError):
+        manager.load("bad")  # a failed later load, too, leaves no half-made adapter
+    assert not any("bad" in getattr(m, "lora_A", {}) for m in model.modules())
+    with manager.rows(["base"]):
+        assert torch.equal(logits(model, ids), before)

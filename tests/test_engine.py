@@ -266,14 +266,16 @@ def test_error_mid_batch_leaves_no_state_behind(engine, monkeypatch):
 
 
 def test_invalid_requests_fail_alone(engine):
-    """Bad sampling parameters or a request with neither prompt nor messages fail without stopping others."""
+    """Bad sampling parameters, no prompt, or messages the template cannot render fail without stopping others."""
     requests = [
         GenerationRequest(0, "sft", SamplingParams(top_p=0.0), prompt="hi"),
         GenerationRequest(1, "sft", SamplingParams(max_new_tokens=2)),
         GenerationRequest(2, "sft", SamplingParams(max_new_tokens=2), prompt="hi"),
+        GenerationRequest(3, "sft", SamplingParams(max_new_tokens=2), messages=[{"no role": "x"}]),
     ]
-    bad_params, no_prompt, fine = engine.generate(requests)
+    bad_params, no_prompt, fine, bad_messages = engine.generate(requests)
     assert "top_p" in bad_params.error and "exactly one of prompt or messages" in no_prompt.error
+    assert "chat template" in bad_messages.error
     assert fine.error is None
 
 
@@ -288,3 +290,13 @@ def test_from_settings_and_any_thread(demo_root):
     worker.start()
     worker.join(60)
     assert results and results[0].key == "k" and results[0].error is None and results[0].prompt_tokens > 3
+
+
+def test_load_base_failure_names_the_path(tmp_path):
+    """A base model that cannot be loaded fails with one error that names its path."""
+    from lorabatch.worker.model import ModelLoadError, load_base
+
+    missing = tmp_path / "no-model-here"
+    missing.mkdir()
+    with pytest.raises(ModelLoadError, match=str(missing)):
+        load_base(Settings(model={"base": str(missing)}))

@@ -168,15 +168,29 @@ class AdapterManager:
             else:
                 self._peft.load_adapter(spec.path, adapter_name=spec.name, is_trainable=False)
         except Exception as e:  # noqa: BLE001 - safetensors, PEFT and torch raise many kinds; all mean "cannot load"
-            if self._peft is not None and spec.name in self._peft.peft_config:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    self._peft.delete_adapter(spec.name)
+            self._discard_partial(spec.name)
             raise AdapterError(
                 f"adapter {spec.name!r}: loading {spec.path} failed ({type(e).__name__}: {e}); re-save the adapter."
             ) from e
         self._model.eval()
         log.info("adapter %r loaded from %s", spec.name, spec.path)
+
+    def _discard_partial(self, name: str) -> None:
+        """Undo a failed load: PEFT rolls back the adapter's config but not the layers it already injected."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if self._peft is not None and name in self._peft.peft_config:
+                self._peft.delete_adapter(name)
+            for module in self._model.modules():
+                if isinstance(module, BaseTunerLayer) and name in getattr(module, "lora_A", {}):
+                    module.delete_adapter(name)
+        if self._peft is None:  # a failed first load: nothing holds the LoRA layers it put in; take them out
+            for parent in list(self._model.modules()):
+                for child_name, child in list(parent.named_children()):
+                    if isinstance(child, BaseTunerLayer):
+                        setattr(parent, child_name, child.get_base_layer())
 
     # -- applying adapters to a batch --------------------------------------------------------------------
 

@@ -14,11 +14,10 @@ from typing import Iterable, Literal
 
 Weights = Literal["merged", "separate"]
 
-AUTO_MERGED_FILL = 0.5
+AUTO_MERGED_FILL = 0.75
 """Auto mode: an adapter's partial batch runs merged on its own when it has at least this share of
 max_batch_size rows; smaller leftovers of several adapters are pooled into mixed separate batches.
-Measured (bench/engine_bench.py --measure-auto, 2-core CPU, 0.5B shape cut to 4 layers, fp32): see the
-Engine module docstring for the numbers."""
+Measured with bench/engine_bench.py --measure-auto; the numbers are in the engine module's docstring."""
 
 
 @dataclass(frozen=True)

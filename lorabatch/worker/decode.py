@@ -1,9 +1,11 @@
-"""The batched decode loop, in the gpt-fast style: left_pad -> prefill -> decode_step ... -> generate_batch.
+"""The batched decode loop, in the gpt-fast style: left_pad -> prefill_batch -> decode_step ... -> generate_batch.
 
 One batch of token-id prompts goes in; every row leaves with its own tokens and finish reason. Rows are
 left-padded, so every row's next token sits in the last column; position ids count real tokens only,
-which makes a padded row compute what it computes alone. Rows that finish are dropped from the batch and
-from the KV cache once a fair share of the batch has finished, so they stop costing compute.
+which makes a padded row compute what it computes alone. Prompts of very different lengths are prefilled
+in chunks of similar length (a padded position costs as much as a real one) into one cache. Rows that
+finish are dropped from the batch and from the KV cache once a fair share of the batch has finished, so
+they stop costing compute.
 
 This module knows nothing about tokenizers, text, adapters or requests: whatever must change per row
 as rows move (PEFT's per-row adapter names) is told through ``on_rows``.

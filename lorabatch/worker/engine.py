@@ -8,9 +8,20 @@ is split in half and retried; a single request that still does not fit fails alo
 Weights modes: ``merged`` merges the batch's adapter into the base weights (restored bit-exactly between
 adapters); ``separate`` keeps adapters apart and lets one batch mix several adapters and base rows;
 ``auto`` runs full single-adapter batches merged and pools the small leftovers of several adapters into
-mixed batches. The rule, measured with bench/engine_bench.py on this 2-core CPU (fp32, 0.5B shape cut to
-4 layers, tokens/s):
-AUTO_RULE_MEASUREMENTS
+mixed batches. The rule, measured with ``python bench/engine_bench.py --measure-auto`` on a 2-core CPU
+(fp32, 32 new tokens): tokens/s of one adapter merged in a batch of n rows, over tokens/s of one mixed batch
+of 32 rows spanning the four demo adapters and base:
+
+    n rows                                4     8     12    16    24    32
+    demo shape (hidden 256), 2 threads    0.59  0.69  0.76  0.85  1.01  1.15
+    0.5B shape cut to 4 layers, 2 threads 0.59  0.71  0.75  0.94  0.96  1.03
+    0.5B shape cut to 4 layers, 1 thread  0.45  0.60  0.62  0.94  1.03  1.05
+
+Switching the merged adapter (exact restore + merge) took 1.7-3 ms (demo) and 7-11 ms (0.5B shape), less
+than one decode step, so it never decides. Hence: a batch's worth of one adapter runs merged (mixed costs
+3-5% on the 0.5B shape, 15-25% on the tiny demo where PEFT's per-layer Python dominates), and a leftover
+under 3/4 of max_batch_size (batching.AUTO_MERGED_FILL) goes faster pooled with other adapters' leftovers.
+On a GPU a small batch is further still from full throughput, which favours pooling more.
 
 This module knows nothing about Celery, SQL, job ids or where settings come from; it is not thread-safe,
 and it does not care which thread calls it.
@@ -18,16 +29,14 @@ and it does not care which thread calls it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Hashable, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from lorabatch.errors import AdapterError, RequestTooLarge
 from lorabatch.schemas.settings import BASE_ADAPTER
 from lorabatch.worker import decode
 from lorabatch.worker.batching import Batch, Item, plan_batches
-from lorabatch.worker.model import context_length, eos_token_ids, load_base
+from lorabatch.worker.model import context_length, eos_token_ids, free_device_memory, is_out_of_memory, load_base
+from lorabatch.worker.params import GenerationRequest, GenerationResult, SamplingParams
 from lorabatch.worker.sampling import RowSampler
 from lorabatch.worker.stops import StopStrings, cut_at_stop
 
@@ -35,38 +44,7 @@ if TYPE_CHECKING:
     from lorabatch.schemas.settings import Settings
     from lorabatch.worker.adapters import AdapterManager
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    """0 = greedy."""
-    top_p: float = 1.0
-    top_k: int = 0
-    """0 = off."""
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-    """Generate exactly max_new_tokens (benchmarks); eos tokens are then ordinary tokens."""
-
-
-@dataclass
-class GenerationRequest:
-    key: Hashable
-    adapter: str
-    params: SamplingParams
-    prompt: str | None = None
-    messages: list[dict] | None = None
-
-
-@dataclass
-class GenerationResult:
-    key: Hashable
-    output: str | None
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    error: str | None = None
+__all__ = ["Engine", "GenerationRequest", "GenerationResult", "SamplingParams"]
 
 
 class RequestRefused(Exception):
@@ -92,6 +70,10 @@ class Engine:
         max_context: int | None = None,
         min_merged_rows: int | None = None,
     ) -> None:
+        """``max_context``: prompt + max_new_tokens limit (default: the model's max_position_embeddings);
+        ``min_merged_rows``: auto mode's threshold (default: batching.AUTO_MERGED_FILL of max_batch_size)."""
+        if weights not in ("auto", "merged", "separate"):
+            raise ValueError(f"weights must be auto, merged or separate, not {weights!r}")
         self.model = model  # PEFT wraps it in place: the same module carries every loaded LoRA layer
         self.tokenizer = tokenizer
         self.adapters = adapters
@@ -164,9 +146,12 @@ class Engine:
         if request.prompt is not None:
             ids = list(self.tokenizer(request.prompt)["input_ids"])
         else:
-            ids = list(self.tokenizer.apply_chat_template(
-                request.messages, add_generation_prompt=True, tokenize=True, return_dict=False
-            ))
+            try:
+                ids = list(self.tokenizer.apply_chat_template(
+                    request.messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                ))
+            except Exception as e:  # noqa: BLE001 - jinja and tokenizer errors alike: these messages cannot run
+                raise RequestRefused(f"the messages cannot be rendered with the chat template ({e}).") from e
         if not ids:
             raise RequestRefused("the prompt is empty after tokenization.")
         total = len(ids) + p.max_new_tokens
@@ -254,14 +239,3 @@ class Engine:
 
 def failed(request: GenerationRequest, error: str, *, prompt_tokens: int = 0) -> GenerationResult:
     return GenerationResult(request.key, None, None, prompt_tokens=prompt_tokens, completion_tokens=0, error=error)
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
-    )
-
-
-def free_device_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()

@@ -1,7 +1,7 @@
-"""Loading the base model and its tokenizer, once per worker process.
+"""Loading the base model and its tokenizer, once per worker process, and the device it runs on.
 
-This module picks the device and dtype and gets a model ready for left-padded
-batched generation. It knows nothing about adapters, batching or requests.
+This module picks the device and dtype, gets a model ready for left-padded batched generation, and
+recognises out-of-memory errors. It knows nothing about adapters, batching or requests.
 """
 
 from __future__ import annotations
@@ -86,3 +86,16 @@ def context_length(model: Any) -> int | None:
     """The longest prompt + completion the model's position embeddings cover, when its config says."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return getattr(config, "max_position_embeddings", None)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch's OutOfMemoryError, or the RuntimeError older builds and CPU allocators raise instead."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+    )
+
+
+def free_device_memory(device: torch.device) -> None:
+    """Give cached blocks back after an out-of-memory error, so a smaller retry can use them."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

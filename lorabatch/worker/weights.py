@@ -77,11 +77,6 @@ class MergedWeights:
         self._touched = []
         self.merged = None
 
-    def forget(self, layers: list[Any]) -> None:
-        """Drop pristine copies of layers no longer in the model."""
-        for layer in layers:
-            self._pristine.pop(layer, None)
-
 
 class RowAdapterNames:
     """The adapter of each row ("__base__" for none) of the forwards now running: a batch's rows, or the
