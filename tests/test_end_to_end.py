@@ -105,3 +105,24 @@ def test_adapters_command(config_path):
     r = run_cli(config_path, "adapters", "--check")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("r=16") == 4 and "q_proj" in r.stdout and "v_proj" in r.stdout
+
+
+def test_demo_command_runs_the_main_job(tmp_path):
+    """`lorabatch demo` from nothing: builds the model, runs a worker, completes a job over all adapters."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORABATCH_")}
+    env["LORABATCH_STATE_DIR"] = str(tmp_path / "state")
+    r = subprocess.run([sys.executable, "-m", "lorabatch.producer.cli", "demo", "--requests", "20",
+                        "--max-new-tokens", "4"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    try:
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "completed  20/20 done" in r.stdout and "succeeded 20" in r.stdout
+        shown = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
+        assert {s["adapter"] for s in shown} == set(ADAPTERS) and all(s["status"] == "succeeded" for s in shown)
+    finally:
+        from lorabatch import broker
+
+        broker.stop_embedded_redis(tmp_path / "state")

@@ -173,3 +173,24 @@ def test_prompt_longer_than_context_is_rejected(config_path, tmp_path, ctx):
     assert "line 2:" in r.stderr and "exceeds the model's context of 2048 tokens" in r.stderr
     assert "line 3" not in r.stderr
     assert count_jobs(ctx) == 0
+
+
+@pytest.mark.parametrize("limit, value, expect", [("max_file_bytes", 100, "over the limit of 100"),
+                                                  ("max_lines", 2, "more than 2 requests")])
+def test_file_over_configured_limits_is_rejected(config_path, tmp_path, ctx, limit, value, expect):
+    """A file over [limits] max_file_bytes or max_lines is bad input; nothing is created."""
+    tune_config(config_path, "limits", **{limit: value})
+    r = run_cli(config_path, "submit", str(write_jsonl(tmp_path / "in.jsonl", GOOD)))
+    assert r.returncode == 2 and expect in r.stderr, r.stderr
+    assert count_jobs(ctx) == 0
+
+
+def test_reconcile_command_refills_an_emptied_redis(config_path, tmp_path, redis_flushed):
+    """After Redis loses its messages, `reconcile` re-enqueues every queued request from SQL."""
+    r = run_cli(config_path, "submit", str(write_jsonl(tmp_path / "in.jsonl", GOOD)), "--json")
+    assert r.returncode == 0, r.stderr
+    _redis_client(redis_flushed).flushdb()
+    assert queued_messages(redis_flushed) == 0
+    r = run_cli(config_path, "reconcile")
+    assert r.returncode == 0 and "re-enqueued 3 queued requests" in r.stdout, r.stdout + r.stderr
+    assert queued_messages(redis_flushed) == 3
