@@ -129,3 +129,20 @@ def test_sample_filtered_limits():
     assert greedy[3].item() == 0  # u near 1: the least likely token
     top2 = sample_filtered(logits[:1], ones[:1], torch.tensor([2]), ones[:1], torch.tensor([0.999]))
     assert top2.item() == 3  # top-k 2 keeps tokens 1 and 3 only
+
+
+@pytest.mark.parametrize(
+    "lengths, chunks",
+    [
+        ([7], [(0, 1)]),
+        ([5, 5, 5], [(0, 3)]),
+        ([10, 12, 20], [(0, 3)]),  # a little padding is cheaper than another forward
+        ([10, 10, 200, 210], [(0, 2), (2, 4)]),
+        ([8, 100, 101, 300], [(0, 1), (1, 3), (3, 4)]),
+    ],
+)
+def test_prefill_chunks_bound_padding(lengths, chunks):
+    """Prompts of very different lengths are prefilled in separate chunks, similar ones together."""
+    from lorabatch.worker.decode import prefill_chunks
+
+    assert [(c.start, c.stop) for c in prefill_chunks(lengths)] == chunks

@@ -58,8 +58,8 @@ class WorkerSettings(_Section):
     """Adapters of a higher rank are refused."""
     concurrency: int = Field(64, ge=1)
     """Messages a worker holds at once (Celery threads); the engine batches across all of them."""
-    gather_seconds: float = Field(0.05, ge=0)
-    """How long the engine waits for more work before starting a batch that is not full."""
+    gather_seconds: float = Field(0.2, ge=0)
+    """How long the engine waits for the next piece of work before starting a batch that is not full."""
     lease_seconds: float = Field(30.0, gt=0)
     """A running request whose worker has not sent a heartbeat for this long is put back."""
     heartbeat_seconds: float = Field(5.0, gt=0)

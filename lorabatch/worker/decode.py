@@ -81,10 +81,12 @@ def new_cache(model: Any) -> Any:
     return DynamicCache(config=model.config)
 
 
-PREFILL_PAD_FRACTION = 0.1
+PREFILL_PAD_FRACTION = 0.05
 """A prefill chunk takes the next (longer) prompt while padding stays under this share of its tokens..."""
-PREFILL_PAD_TOKENS = 64
-"""...or under this many tokens: tiny chunks would cost more in per-forward overhead than the padding."""
+PREFILL_PAD_TOKENS = 32
+"""...or under this many tokens: tiny chunks would cost more in per-forward overhead than the padding.
+On the benchmark workload (prompts of 8-256 tokens, 0.5B shape, 1 thread) one padded prefill per batch wasted
+48% of prompt tokens in merged mode; chunks at 10%/64 wasted 9%, at 5%/32 about 5%, and ran fastest."""
 
 
 def prefill_chunks(lengths: list[int]) -> list[range]:

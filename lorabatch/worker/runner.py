@@ -31,6 +31,8 @@ log = logging.getLogger("lorabatch.worker")
 
 POOL_BATCHES = 4
 """The engine takes at most this many batches' worth of rows per pool, so results flow back steadily."""
+MAX_GATHER_SECONDS = 2.0
+"""The longest a pool short of one batch waits for more work (each wait at most gather_seconds)."""
 
 
 @dataclass
@@ -105,10 +107,14 @@ class WorkerService:
                 continue
             pool = [first]
             rows = len(first.requests)
-            deadline = time.monotonic() + w.gather_seconds
+            # Wait for more work while it keeps arriving and the pool is short of a batch: offline
+            # jobs gain more from full batches than they lose to a moment's wait.
+            give_up = time.monotonic() + MAX_GATHER_SECONDS
             while rows < max_rows and not first.alone:
+                short = rows < w.max_batch_size
+                timeout = min(w.gather_seconds, give_up - time.monotonic()) if short else 0.0
                 try:
-                    item = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+                    item = self._inbox.get(timeout=max(0.0, timeout)) if timeout > 0 else self._inbox.get_nowait()
                 except queue.Empty:
                     break
                 if item.alone:
