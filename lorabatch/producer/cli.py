@@ -210,17 +210,15 @@ def show_config(click_ctx) -> None:
     _echo_json(data)
 
 
-def _register_optional_commands() -> None:
-    """Commands that live in their own modules (annotation and schedules)."""
-    try:
-        from lorabatch.producer.annotate_cli import COMMANDS
-    except ImportError:  # the module is optional until it exists
-        return
+def _register_annotation_commands() -> None:
+    """annotate, schedule and beat live in their own module."""
+    from lorabatch.producer.annotate_cli import COMMANDS
+
     for command in COMMANDS:
         cli.add_command(command)
 
 
-_register_optional_commands()
+_register_annotation_commands()
 
 
 def main(argv: list[str] | None = None) -> int:
