@@ -42,6 +42,15 @@ def make_engine(demo_root: Path, adapter_dirs: dict | None = None, **options) ->
     return Engine(model, tokenizer, AdapterManager(dirs, base_model=str(demo_root / DEMO_MODEL_DIR)), **options)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The demo model gains little from a second thread, and two threads crawl while other processes share the CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def engine(demo_root: Path) -> Engine:
     return make_engine(demo_root, max_batch_size=8)
