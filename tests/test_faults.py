@@ -157,12 +157,15 @@ def test_sigterm_hands_back_cleanly(config_path, tmp_path, ctx, start_worker):
 
 def test_two_workers_split_the_work(config_path, tmp_path, ctx, start_worker):
     """Two workers on one queue share a job; no request runs twice."""
-    tune_worker(config_path, max_batch_size=4, concurrency=4)
+    # One message at a time per worker, and both consuming before the job arrives: otherwise on a fast
+    # machine the first worker up holds every message of the job (5 of them, one per adapter) and
+    # finishes it alone (seen in CI).
+    tune_worker(config_path, max_batch_size=4, concurrency=1)
     n = 60
-    job_id = submit_lines(config_path, tmp_path / "in.jsonl", work(n))
     a, b = start_worker(ready=False), start_worker(ready=False)
     a.wait_ready()
     b.wait_ready()
+    job_id = submit_lines(config_path, tmp_path / "in.jsonl", work(n))
     wait_for_job(ctx, job_id, workers=[a, b])
     rs = assert_exactly_once(ctx, job_id, n)
     assert all(r.attempts == 1 for r in rs), "no request ran twice"
