@@ -51,12 +51,17 @@ class Deployment:
         self.cfg.write_text(text + f'\n[service]\nstate_dir = "{tmp / "state"}"\n')
         self.settings = load_settings(self.cfg, environ={})
         self.ctx = Context(self.settings)
+        self.log = (tmp / "worker.log").open("ab")
+        self.worker = self.start_worker()
+
+    def start_worker(self) -> subprocess.Popen:
+        """Start one `lorabatch worker` process and wait until it has registered in the database."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("LORABATCH_")}
-        self.log = (tmp / "worker.log").open("wb")
         self.worker = subprocess.Popen([sys.executable, "-m", "lorabatch.producer.cli", "--config", str(self.cfg),
                                         "worker", "--loglevel", "warning"], stdout=self.log, stderr=subprocess.STDOUT,
                                        env=env)
         self._wait_ready()
+        return self.worker
 
     def _wait_ready(self) -> None:
         from sqlalchemy import func, select
@@ -68,7 +73,7 @@ class Deployment:
             if self.worker.poll() is not None:
                 raise RuntimeError("the benchmark worker exited; see its log")
             with self.ctx.sessions() as s:
-                if s.scalar(select(func.count()).select_from(Worker)):
+                if s.scalar(select(func.count()).select_from(Worker).where(Worker.pid == self.worker.pid)):
                     return
             time.sleep(0.2)
         raise RuntimeError("the benchmark worker did not start")

@@ -12,7 +12,7 @@ Exactly-once results rest on two rules:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -92,6 +92,15 @@ def heartbeat(session: Session, *, worker_id: str, hostname: str, pid: int, toke
         w.heartbeat_at = utcnow()
         if tokens_per_second is not None:
             w.tokens_per_second = tokens_per_second
+
+
+def forget_dead_workers(session: Session, *, host: str, alive: Callable[[int], bool]) -> list[str]:
+    """Forget workers registered from `host` (see runner.host_label) whose process is gone, so their
+    requests count as orphaned at once rather than when their lease runs out. Returns their ids."""
+    dead = [w for w in session.execute(select(Worker).where(Worker.hostname == host)).scalars() if not alive(w.pid)]
+    for w in dead:
+        session.delete(w)
+    return [w.id for w in dead]
 
 
 def forget_worker(session: Session, worker_id: str) -> None:

@@ -111,6 +111,22 @@ def test_kill_9_mid_job_several_times(config_path, tmp_path, ctx, start_worker):
     print(f"\nrecovered and finished {summary['counts']['total']} requests {recovery:.1f}s after the last kill")
 
 
+def test_replacement_on_same_host_does_not_wait_for_the_lease(config_path, tmp_path, ctx, start_worker):
+    """A worker started on the host where one was SIGKILLed sees that process is gone and runs its
+    requests at once: with a 10-minute lease, only that can finish the job within the wait below."""
+    tune_worker(config_path, lease_seconds=600, visibility_timeout=600, max_batch_size=8)
+    n = 60
+    job_id = submit_lines(config_path, tmp_path / "in.jsonl", work(n))
+    w = start_worker()
+    wait_until(lambda: succeeded(ctx, job_id) > 0, what="first results", workers=[w])
+    w.kill(signal.SIGKILL)
+    assert any(r.state == "running" for r in rows(ctx, job_id)), "the dead worker held requests"
+    w2 = start_worker()
+    wait_for_job(ctx, job_id, timeout=120, workers=[w, w2])
+    assert "are gone; their requests run again" in w2.read_log()
+    assert_exactly_once(ctx, job_id, n)
+
+
 def test_poison_request_fails_after_max_attempts(config_path, tmp_path, ctx):
     """A request that kills its worker every time ends as failed after max_attempts; the rest succeed."""
     tune_worker(config_path, max_attempts=2, **FAST_RECOVERY)

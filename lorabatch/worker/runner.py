@@ -52,10 +52,11 @@ class WorkerService:
         self.app = self.context.celery
         self.engine = engine
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.host = host_label()
         self._inbox: queue.Queue[_Pending] = queue.Queue()
         self._stopping = threading.Event()
         self.suspect_lock = threading.Lock()
-        """Held while one suspect request (see tasks.run_chunk) runs and is recorded."""
+        """Held while a group of suspect requests (see tasks.run_chunk) runs and is recorded."""
         self._threads: list[threading.Thread] = []
         self._tokens = 0
         self._started = time.monotonic()
@@ -122,7 +123,7 @@ class WorkerService:
                     break
                 pool.append(item)
                 rows += len(item.requests)
-            self._run(pool)  # an `alone` item (one suspect request) is a pool by itself
+            self._run(pool)  # an `alone` item (suspects, see tasks.run_chunk) is a pool by itself
 
     def _run(self, pool: list[_Pending]) -> None:
         flat = [r for p in pool for r in p.requests]
@@ -163,7 +164,7 @@ class WorkerService:
 
     def _heartbeat(self) -> None:
         rate = self._tokens / max(1e-9, time.monotonic() - self._started)
-        with_db_retry(self, lambda s: lifecycle.heartbeat(s, worker_id=self.worker_id, hostname=socket.gethostname(),
+        with_db_retry(self, lambda s: lifecycle.heartbeat(s, worker_id=self.worker_id, hostname=self.host or socket.gethostname(),
                                                           pid=os.getpid(), tokens_per_second=rate), what="heartbeat")
 
     def _heartbeat_loop(self) -> None:
@@ -174,6 +175,11 @@ class WorkerService:
                 log.exception("heartbeat failed")
 
     def _reconcile(self) -> None:
+        dead = self.host and with_db_retry(
+            self, lambda s: lifecycle.forget_dead_workers(s, host=self.host, alive=pid_alive),
+            what="looking for dead workers on this host")
+        if dead:
+            log.warning("worker(s) %s on this host are gone; their requests run again", ", ".join(dead))
         report = reconcile(self.sessions, self.app, lease_seconds=self.settings.worker.lease_seconds,
                            worker_id=self.worker_id)
         if report.orphans or report.redis_was_reset:
@@ -186,6 +192,27 @@ class WorkerService:
                 self._reconcile()
             except Exception as e:  # Redis or the database down: try again next round
                 log.warning("reconcile failed: %s", e)
+
+
+def host_label() -> str | None:
+    """Where this process runs: host name, boot and pid namespace. Workers with the same label see
+    the same process ids, so one can tell that another has died without waiting out its lease."""
+    try:
+        boot = open("/proc/sys/kernel/random/boot_id").read().strip()[:8]
+        pidns = os.readlink("/proc/self/ns/pid")
+    except OSError:  # not Linux: no way to know that two processes share a pid namespace
+        return None
+    return f"{socket.gethostname()} boot={boot} {pidns}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def run_worker(settings: Settings, *, concurrency: int | None = None, weights: str | None = None,

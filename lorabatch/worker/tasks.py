@@ -62,15 +62,25 @@ def run_chunk(service: WorkerService, job_id: str, adapter: str, idxs: list[int]
     rows = _claim(service, job_id, idxs)
     if not rows:
         return {"claimed": 0}
-    if all(r.attempts == 0 for r in rows):
-        return _generate_and_record(service, job_id, adapter, rows, alone=False)
-    # A worker died while running some of these: one of them may be what killed it. Run them one
-    # at a time, each recorded before the next suspect starts (across all of this worker's
-    # messages), so only the culprit uses up its attempts.
+    fresh = [r for r in rows if r.attempts == 0]
+    suspects = [r for r in rows if r.attempts > 0]
+    # A worker died while running the suspects: one of them may be what killed it. They run apart
+    # from all other work, one group at a time across this worker's messages (suspect_lock), each
+    # recorded before the next starts. First as this message's group, then, if the worker died
+    # again, one by one: the last attempt a request gets is always alone, so only a culprit uses
+    # up all its attempts, and a crash that hit a whole batch costs a few groups, not one pass per
+    # request.
+    max_attempts = service.settings.worker.max_attempts
+    if any(r.attempts >= max_attempts - 1 for r in suspects):
+        groups = [[r] for r in suspects]
+    else:
+        groups = [suspects] if suspects else []
     counts: dict[str, int] = {}
-    for row in rows:
+    steps = [_generate_and_record(service, job_id, adapter, fresh, alone=False)] if fresh else []
+    for group in groups:
         with service.suspect_lock:
-            step = _generate_and_record(service, job_id, adapter, [row], alone=True)
+            steps.append(_generate_and_record(service, job_id, adapter, group, alone=True))
+    for step in steps:
         for k, v in step.items():
             counts[k] = counts.get(k, 0) + v
     return counts
