@@ -31,6 +31,7 @@ def main() -> int:
     ap.add_argument("--shapes", nargs="+", default=["qwen0.5b-4l", "demo"], choices=list(SHAPES))
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--one-at-a-time", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=2, help="runs of each way, interleaved; the best counts")
     ap.add_argument("--scale-lines", type=int, default=1_000_000, help="0 skips the submit benchmark")
     ap.add_argument("--models", type=Path, default=HERE / "out" / "models")
     args = ap.parse_args()
@@ -39,12 +40,13 @@ def main() -> int:
           f"{platform.platform()}")
     for shape in args.shapes:
         root = build_shape(args.models, shape)
-        measurements = bench_shape(root, n=args.requests, one_at_a_time=args.one_at_a_time, rounds=1,
+        measurements = bench_shape(root, n=args.requests, one_at_a_time=args.one_at_a_time, rounds=args.rounds,
                                    max_batch_size=32, max_batch_tokens=16384)
         print_table(shape, measurements)
         _, tokenizer = load_model(root / DEMO_MODEL_DIR)
         requests = make_workload(tokenizer, n=args.requests, adapters=[BASE_ADAPTER, *DEMO_ADAPTERS])
-        print_e2e(shape, bench_end_to_end(root, requests, max_batch_size=32, max_batch_tokens=16384))
+        print_e2e(shape, bench_end_to_end(root, requests, max_batch_size=32, max_batch_tokens=16384,
+                                          rounds=args.rounds))
         sys.stdout.flush()
     if args.scale_lines:
         print("\n## submit at scale")
