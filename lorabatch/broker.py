@@ -93,15 +93,17 @@ def enqueue(app: Celery, job_id: str, adapter: str, idxs: list[int], *, priority
 
 
 def redis_client(app: Celery):
-    """A plain redis-py client on the broker's connection (for the epoch key and health checks)."""
-    with app.connection_for_write() as conn:
+    """A plain redis-py client on a pooled broker connection (for the epoch key and health checks).
+    Pooled: a fresh connection costs several round trips, which a process submitting many small
+    jobs (a schedule, `annotate`) would pay on every one."""
+    with app.pool.acquire(block=True) as conn:
         return conn.default_channel.client
 
 
 def check_broker(app: Celery) -> None:
     """Raise ServiceUnavailable, naming the URL with its password hidden, if Redis is unreachable."""
     try:
-        with app.connection_for_write() as conn:
+        with app.pool.acquire(block=True) as conn:
             conn.ensure_connection(max_retries=1, timeout=3)
             conn.default_channel.client.ping()
     except Exception as e:  # kombu and redis-py raise many kinds; all mean the same to the user
