@@ -191,3 +191,15 @@ def wait_for_job(ctx: Context, job_id: str, *, timeout: float = 300, workers: li
         time.sleep(0.3)
     logs = "\n".join(w.read_log()[-3000:] for w in workers)
     raise AssertionError(f"job {job_id} did not end in {timeout}s: {s}\n{logs}")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For in-process model tests: the demo model gains little from a second thread, and two threads
+    crawl while other processes share the CPU."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -14,14 +14,7 @@ from lorabatch.errors import AdapterError
 from lorabatch.worker.adapters import AdapterManager
 from lorabatch.worker.demo_model import DEMO_ADAPTERS, DEMO_MODEL_DIR
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The demo model gains little from a second thread, and two threads crawl while other processes share the CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ from lorabatch.worker.adapters import AdapterManager
 from lorabatch.worker.demo_model import DEMO_ADAPTERS, DEMO_MODEL_DIR
 from lorabatch.worker.engine import Engine, GenerationRequest, SamplingParams
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 NAMES = [BASE_ADAPTER, *DEMO_ADAPTERS]
 PROMPTS = [
     "Summarise: the cat sat on the mat.",
@@ -40,15 +42,6 @@ def make_engine(demo_root: Path, adapter_dirs: dict | None = None, **options) ->
     model, tokenizer = load(demo_root)
     dirs = adapter_dirs if adapter_dirs is not None else {n: demo_root / p for n, p in DEMO_ADAPTERS.items()}
     return Engine(model, tokenizer, AdapterManager(dirs, base_model=str(demo_root / DEMO_MODEL_DIR)), **options)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The demo model gains little from a second thread, and two threads crawl while other processes share the CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
