@@ -115,7 +115,7 @@ class WorkerService:
                 short = rows < w.max_batch_size
                 timeout = min(w.gather_seconds, give_up - time.monotonic()) if short else 0.0
                 try:
-                    item = self._inbox.get(timeout=max(0.0, timeout)) if timeout > 0 else self._inbox.get_nowait()
+                    item = self._inbox.get(timeout=timeout) if timeout > 0 else self._inbox.get_nowait()
                 except queue.Empty:
                     break
                 if item.alone:
@@ -211,7 +211,7 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
-        return True
+        pass
     return True
 
 

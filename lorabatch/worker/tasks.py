@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, TypeVar
@@ -75,15 +76,13 @@ def run_chunk(service: WorkerService, job_id: str, adapter: str, idxs: list[int]
         groups = [[r] for r in suspects]
     else:
         groups = [suspects] if suspects else []
-    counts: dict[str, int] = {}
-    steps = [_generate_and_record(service, job_id, adapter, fresh, alone=False)] if fresh else []
+    counts: Counter[str] = Counter()
+    if fresh:
+        counts.update(_generate_and_record(service, job_id, adapter, fresh, alone=False))
     for group in groups:
         with service.suspect_lock:
-            steps.append(_generate_and_record(service, job_id, adapter, group, alone=True))
-    for step in steps:
-        for k, v in step.items():
-            counts[k] = counts.get(k, 0) + v
-    return counts
+            counts.update(_generate_and_record(service, job_id, adapter, group, alone=True))
+    return dict(counts)
 
 
 def _claim(service: WorkerService, job_id: str, idxs: list[int]) -> list[Request]:
