@@ -52,16 +52,15 @@ class Deployment:
         self.settings = load_settings(self.cfg, environ={})
         self.ctx = Context(self.settings)
         self.log = (tmp / "worker.log").open("ab")
-        self.worker = self.start_worker()
+        self.start_worker()
 
-    def start_worker(self) -> subprocess.Popen:
+    def start_worker(self) -> None:
         """Start one `lorabatch worker` process and wait until it has registered in the database."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("LORABATCH_")}
         self.worker = subprocess.Popen([sys.executable, "-m", "lorabatch.producer.cli", "--config", str(self.cfg),
                                         "worker", "--loglevel", "warning"], stdout=self.log, stderr=subprocess.STDOUT,
                                        env=env)
         self._wait_ready()
-        return self.worker
 
     def _wait_ready(self) -> None:
         from sqlalchemy import func, select

@@ -129,11 +129,32 @@ def engine_for(root: Path, *, adapters: bool, max_batch_size: int, max_batch_tok
     return Engine(model, tokenizer, manager, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens)
 
 
-def bench_shape(
-    root: Path, *, n: int, one_at_a_time: int, rounds: int, max_batch_size: int, max_batch_tokens: int,
-    new_tokens: int = 64,
-) -> list[Measurement]:
-    """Every way on one model shape; the best of ``rounds`` interleaved rounds for each engine way."""
+WAYS = {
+    "ceiling": "ceiling (engine, base only, no LoRA layers)",
+    "merged": "engine merged",
+    "separate": "engine separate (mixed)",
+    "auto": "engine auto",
+}
+"""The engine ways, by short name, with the label each gets in the tables."""
+
+
+@dataclass
+class Setup:
+    """Both engines and the workload, warmed up: what every engine way runs on."""
+
+    with_adapters: Engine
+    plain: Engine
+    requests: list[GenerationRequest]
+    base_requests: list[GenerationRequest]
+
+    def way(self, name: str) -> tuple[Engine, list[GenerationRequest], str]:
+        """"ceiling": the plain base model with every request "base"; else a weights mode with the adapters."""
+        if name == "ceiling":
+            return self.plain, self.base_requests, "merged"
+        return self.with_adapters, self.requests, name
+
+
+def prepare(root: Path, *, n: int, max_batch_size: int, max_batch_tokens: int, new_tokens: int = 64) -> Setup:
     names = [BASE_ADAPTER, *DEMO_ADAPTERS]
     with_adapters = engine_for(root, adapters=True, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens)
     plain = engine_for(root, adapters=False, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens)
@@ -144,20 +165,25 @@ def bench_shape(
     plain.generate(base_requests[:4])
     for weights in ("merged", "separate"):
         run_engine(with_adapters, warm, weights=weights, way="warm-up")
-    ways = [
-        ("ceiling (engine, base only, no LoRA layers)", plain, base_requests, "merged"),
-        ("engine merged", with_adapters, requests, "merged"),
-        ("engine separate (mixed)", with_adapters, requests, "separate"),
-        ("engine auto", with_adapters, requests, "auto"),
-    ]
+    return Setup(with_adapters, plain, requests, base_requests)
+
+
+def bench_shape(
+    root: Path, *, n: int, one_at_a_time: int, rounds: int, max_batch_size: int, max_batch_tokens: int,
+    new_tokens: int = 64,
+) -> list[Measurement]:
+    """Every way on one model shape; the best of ``rounds`` interleaved rounds for each engine way."""
+    setup = prepare(root, n=n, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens, new_tokens=new_tokens)
     best: dict[str, Measurement] = {}
     for _ in range(rounds):
-        for way, engine, reqs, weights in ways:
+        for name, way in WAYS.items():
+            engine, reqs, weights = setup.way(name)
             m = run_engine(engine, reqs, weights=weights, way=way)
             print(f"  {way}: {m.tokens_per_s:.0f} tokens/s ({m.seconds:.1f} s)", file=sys.stderr, flush=True)
             if way not in best or m.tokens_per_s > best[way].tokens_per_s:
                 best[way] = m
-    return [run_peft_one_at_a_time(root, length_quantiles(requests, one_at_a_time, with_adapters)), *best.values()]
+    subset = length_quantiles(setup.requests, one_at_a_time, setup.with_adapters)
+    return [run_peft_one_at_a_time(root, subset), *best.values()]
 
 
 def length_quantiles(requests: list[GenerationRequest], k: int, engine: Engine) -> list[GenerationRequest]:

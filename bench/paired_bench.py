@@ -26,36 +26,25 @@ def run_ways(shape: str, root: Path, n: int, rounds: int, ways: list[str], max_b
     """One process's share: every way in the given order, ``rounds`` times; one JSON line per run."""
     import torch
 
-    from bench.engine_bench import build_shape, engine_for, make_workload, run_engine
-    from lorabatch.schemas.settings import BASE_ADAPTER
-    from lorabatch.worker.demo_model import DEMO_ADAPTERS
-    from lorabatch.worker.engine import GenerationRequest
+    from bench.engine_bench import build_shape, prepare, run_engine
 
     torch.set_num_threads(1)
-    model_root = build_shape(root, shape)
-    limits = dict(max_batch_size=max_batch_size, max_batch_tokens=16384)
-    with_adapters = engine_for(model_root, adapters=True, **limits)
-    plain = engine_for(model_root, adapters=False, **limits)
-    requests = make_workload(with_adapters.tokenizer, n=n, adapters=[BASE_ADAPTER, *DEMO_ADAPTERS])
-    base_requests = [GenerationRequest(r.key, BASE_ADAPTER, r.params, prompt=r.prompt) for r in requests]
-    plain.generate(base_requests[:4])  # warm-up: first-call allocations and adapter loading
-    for weights in ("merged", "separate"):
-        run_engine(with_adapters, requests[:10], weights=weights, way="warm-up")
+    setup = prepare(build_shape(root, shape), n=n, max_batch_size=max_batch_size, max_batch_tokens=16384)
     for round_ in range(rounds):
         for way in ways:
-            engine, reqs, weights = (plain, base_requests, "merged") if way == "ceiling" else (with_adapters, requests, way)
+            engine, reqs, weights = setup.way(way)
             m = run_engine(engine, reqs, weights=weights, way=way)
             print(json.dumps({"round": round_, "way": way, "tokens_per_s": m.tokens_per_s}), flush=True)
 
 
 def main() -> int:
-    from bench.engine_bench import SHAPES
+    from bench.engine_bench import SHAPES, WAYS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="qwen0.5b-4l", choices=list(SHAPES))
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--ways", nargs="+", default=["ceiling", "merged"], choices=["ceiling", "merged", "separate", "auto"])
+    ap.add_argument("--ways", nargs="+", default=["ceiling", "merged"], choices=list(WAYS))
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "lorabatch-bench")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # internal: the ways one process runs, in order
@@ -63,7 +52,7 @@ def main() -> int:
     if args.child:
         run_ways(args.shape, args.root, args.requests, args.rounds, args.child, args.max_batch_size)
         return 0
-    if "ceiling" not in args.ways or len(args.ways) != 2:
+    if args.ways.count("ceiling") != 1 or len(args.ways) != 2:
         ap.error("--ways takes the ceiling and one other way, e.g. --ways ceiling merged")
     common = [sys.executable, __file__, "--shape", args.shape, "--requests", str(args.requests), "--rounds",
               str(args.rounds), "--max-batch-size", str(args.max_batch_size), "--root", str(args.root)]
@@ -75,7 +64,7 @@ def main() -> int:
     runs = [[json.loads(line) for line in child.stdout] for child in children]
     if any(child.wait() for child in children):
         raise SystemExit("a benchmark process failed; its error is above")
-    other = args.ways[1]
+    other = next(w for w in args.ways if w != "ceiling")
     print(f"## {args.shape}: {other} against the ceiling, {args.requests} requests, two processes of 1 thread")
     print("| pair | ceiling tokens/s | " + other + " tokens/s | ratio |")
     print("|---|---|---|---|")

@@ -17,6 +17,7 @@ import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from celery.signals import worker_shutting_down
 
@@ -198,7 +199,7 @@ def host_label() -> str | None:
     """Where this process runs: host name, boot and pid namespace. Workers with the same label see
     the same process ids, so one can tell that another has died without waiting out its lease."""
     try:
-        boot = open("/proc/sys/kernel/random/boot_id").read().strip()[:8]
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
         pidns = os.readlink("/proc/self/ns/pid")
     except OSError:  # not Linux: no way to know that two processes share a pid namespace
         return None
