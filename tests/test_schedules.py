@@ -231,9 +231,12 @@ def test_beat_process_fires_and_writes(config_path, tmp_path, ctx, start_worker)
         assert out.exists(), (tmp_path / "beat.log").read_text()[-3000:]
         rows = [json.loads(l) for l in out.read_text().splitlines()]
         assert [r["text"] for r in rows] == ["Hello", "Rain"] and all(r["annotation"] for r in rows)
-        [run] = runs(ctx, "minutely")
+        # A minute boundary may pass while the first run works (a slow machine): the next slot then fires as well,
+        # as it should. Each slot fires once, and the first one carries the job.
+        fired = runs(ctx, "minutely")
+        assert 1 <= len(fired) <= 3 and len({r.slot for r in fired}) == len(fired), fired
         with ctx.sessions() as s:
-            assert s.get(Job, run.job_id).schedule == "minutely"
+            assert s.get(Job, fired[0].job_id).schedule == "minutely"
     finally:
         beat.terminate()
         beat.wait(30)
