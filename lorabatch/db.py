@@ -17,8 +17,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from lorabatch.errors import ServiceUnavailable
 from lorabatch.schemas.settings import Settings, hide_password
-from lorabatch.schemas.tables import Base
-import lorabatch.schemas.annotation_tables  # noqa: F401,E402  (registers its tables with Base for create_all)
+from lorabatch.schemas.tables import create_tables
+import lorabatch.schemas.annotation_tables  # noqa: F401,E402  (registers its tables with Base for create_tables)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 """How long a SQLite writer waits for the lock before giving up."""
@@ -40,11 +40,16 @@ def make_engine(settings: Settings) -> Engine:
     else:
         engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
     try:
-        Base.metadata.create_all(engine)
+        create_tables(engine)
     except SQLAlchemyError as e:
+        cause = type(e.__cause__ or e).__name__
+        if not is_connection_error(e):
+            raise ServiceUnavailable(
+                f"cannot create lorabatch's tables in the database at {hide_password(url)} ({cause}); "
+                "check that the user may create tables there."
+            ) from e
         raise ServiceUnavailable(
-            f"cannot reach the database at {hide_password(url)} ({type(e.__cause__ or e).__name__}); "
-            "start it or fix LORABATCH_DATABASE_URL."
+            f"cannot reach the database at {hide_password(url)} ({cause}); start it or fix LORABATCH_DATABASE_URL."
         ) from e
     return engine
 

@@ -194,3 +194,35 @@ def test_reconcile_command_refills_an_emptied_redis(config_path, tmp_path, redis
     r = run_cli(config_path, "reconcile")
     assert r.returncode == 0 and "re-enqueued 3 queued requests" in r.stdout, r.stdout + r.stderr
     assert queued_messages(redis_flushed) == 3
+
+
+def _make_engine_at(url: str, start: float) -> str:
+    """In a child process: wait for `start`, then create the schema as a starting worker does."""
+    import time
+
+    from lorabatch import db
+    from lorabatch.schemas.settings import Settings
+
+    time.sleep(max(0.0, start - time.time()))
+    try:
+        db.make_engine(Settings(database_url=url)).dispose()
+        return "ok"
+    except Exception as e:  # noqa: BLE001  (the parent reports what each child saw)
+        return f"{type(e).__name__}: {e}"
+
+
+def test_processes_creating_the_schema_at_once(database_url):
+    """Workers starting together on an empty database all come up (PostgreSQL's catalog would
+    otherwise refuse the second CREATE TABLE with a UniqueViolation)."""
+    import multiprocessing
+    import time
+
+    from sqlalchemy import create_engine, inspect
+
+    start = time.time() + 3  # past the children's imports, so their CREATE TABLEs meet
+    with multiprocessing.get_context("spawn").Pool(6) as pool:
+        seen = pool.starmap(_make_engine_at, [(database_url, start)] * 6)
+    assert seen == ["ok"] * 6, seen
+    engine = create_engine(database_url)
+    assert {"lb_jobs", "lb_requests", "lb_schedules"} <= set(inspect(engine).get_table_names())
+    engine.dispose()

@@ -14,7 +14,7 @@ from sqlalchemy import JSON, Boolean, DateTime, Integer, String, Text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapped, mapped_column
 
-from lorabatch.schemas.tables import Base, utcnow
+from lorabatch.schemas.tables import Base, create_tables, utcnow
 
 
 class AnnotationCache(Base):
@@ -93,5 +93,5 @@ _ready: weakref.WeakSet[Engine] = weakref.WeakSet()
 def ensure_tables(engine: Engine) -> None:
     """Create the annotation tables on `engine` if they are missing (once per engine)."""
     if engine not in _ready:
-        Base.metadata.create_all(engine, tables=ANNOTATION_TABLES)
+        create_tables(engine, ANNOTATION_TABLES)
         _ready.add(engine)

@@ -20,8 +20,11 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    Table,
     UniqueConstraint,
+    text,
 )
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from lorabatch.schemas.states import JobState, RequestState
@@ -34,6 +37,22 @@ def utcnow() -> datetime:
 
 class Base(DeclarativeBase):
     pass
+
+
+SCHEMA_LOCK_KEY = 0x6C6F7261  # "lora": the PostgreSQL advisory lock that serialises schema creation
+
+
+def create_tables(engine: Engine, tables: list[Table] | None = None) -> None:
+    """Create the missing tables (all of Base's, or `tables`) in one transaction.
+
+    On PostgreSQL, two processes creating the same table at once collide in its catalog
+    (UniqueViolation on pg_type), so each holds an advisory lock for the transaction: the
+    second waits for the first to commit, then finds the tables there.
+    """
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+        Base.metadata.create_all(conn, tables=tables)
 
 
 class Job(Base):
