@@ -19,8 +19,8 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
-    Text,
     Table,
+    Text,
     UniqueConstraint,
     text,
 )
