@@ -38,7 +38,7 @@ def run_ways(shape: str, root: Path, n: int, rounds: int, ways: list[str], max_b
 
 
 def main() -> int:
-    from bench.engine_bench import SHAPES, WAYS
+    from bench.engine_bench import SHAPES, WAYS, build_shape
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="qwen0.5b-4l", choices=list(SHAPES))
@@ -56,8 +56,6 @@ def main() -> int:
         ap.error("--ways takes the ceiling and one other way, e.g. --ways ceiling merged")
     common = [sys.executable, __file__, "--shape", args.shape, "--requests", str(args.requests), "--rounds",
               str(args.rounds), "--max-batch-size", str(args.max_batch_size), "--root", str(args.root)]
-    from bench.engine_bench import build_shape
-
     build_shape(args.root, args.shape)  # once, before two processes would race to build it
     children = [subprocess.Popen([*common, "--child", *order], stdout=subprocess.PIPE, text=True)
                 for order in (args.ways, args.ways[::-1])]

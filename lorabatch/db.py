@@ -43,13 +43,13 @@ def make_engine(settings: Settings) -> Engine:
         create_tables(engine)
     except SQLAlchemyError as e:
         cause = type(e.__cause__ or e).__name__
-        if not is_connection_error(e):
+        if is_connection_error(e):
             raise ServiceUnavailable(
-                f"cannot create lorabatch's tables in the database at {hide_password(url)} ({cause}); "
-                "check that the user may create tables there."
+                f"cannot reach the database at {hide_password(url)} ({cause}); start it or fix LORABATCH_DATABASE_URL."
             ) from e
         raise ServiceUnavailable(
-            f"cannot reach the database at {hide_password(url)} ({cause}); start it or fix LORABATCH_DATABASE_URL."
+            f"cannot create lorabatch's tables in the database at {hide_password(url)} ({cause}); "
+            "check that the user may create tables there."
         ) from e
     return engine
 

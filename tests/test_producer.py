@@ -5,11 +5,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import multiprocessing
+import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, inspect, select, text
 
+from lorabatch import db
+from lorabatch.schemas.settings import Settings
 from lorabatch.schemas.tables import Job, Request
 from tests.conftest import _redis_client, run_cli, tune_config
 
@@ -198,11 +202,6 @@ def test_reconcile_command_refills_an_emptied_redis(config_path, tmp_path, redis
 
 def _make_engine_at(url: str, start: float) -> str:
     """In a child process: wait for `start`, then create the schema as a starting worker does."""
-    import time
-
-    from lorabatch import db
-    from lorabatch.schemas.settings import Settings
-
     time.sleep(max(0.0, start - time.time()))
     try:
         db.make_engine(Settings(database_url=url)).dispose()
@@ -214,11 +213,6 @@ def _make_engine_at(url: str, start: float) -> str:
 def test_processes_creating_the_schema_at_once(database_url):
     """Workers starting together on an empty database all come up (PostgreSQL's catalog would
     otherwise refuse the second CREATE TABLE with a UniqueViolation)."""
-    import multiprocessing
-    import time
-
-    from sqlalchemy import create_engine, inspect
-
     start = time.time() + 3  # past the children's imports, so their CREATE TABLEs meet
     with multiprocessing.get_context("spawn").Pool(6) as pool:
         seen = pool.starmap(_make_engine_at, [(database_url, start)] * 6)
@@ -226,3 +220,24 @@ def test_processes_creating_the_schema_at_once(database_url):
     engine = create_engine(database_url)
     assert {"lb_jobs", "lb_requests", "lb_schedules"} <= set(inspect(engine).get_table_names())
     engine.dispose()
+
+
+def test_user_who_may_not_create_tables_is_told_so(config_path, tmp_path, database_url):
+    """A database user without CREATE rights on an empty database: exit 2, one line naming the rights,
+    not an unreachable database."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("needs PostgreSQL (set LORABATCH_TEST_DATABASE_URL); a SQLite file has no users")
+    from sqlalchemy.engine import make_url
+
+    admin = create_engine(database_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:  # PostgreSQL 15+: a user who does not own schema public may not create in it
+        if not conn.scalar(text("SELECT 1 FROM pg_roles WHERE rolname = 'lb_no_create'")):
+            conn.execute(text("CREATE ROLE lb_no_create LOGIN"))
+        conn.execute(text("REVOKE CREATE ON SCHEMA public FROM PUBLIC, lb_no_create"))
+    admin.dispose()
+    tune_config(config_path, "service", database_url=make_url(database_url).set(username="lb_no_create")
+                .render_as_string(hide_password=False))
+    r = run_cli(config_path, "status", "job-x")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "cannot create lorabatch's tables" in r.stderr and "InsufficientPrivilege" in r.stderr, r.stderr
+    assert "check that the user may create tables there" in r.stderr
