@@ -180,13 +180,18 @@ def print_e2e(shape: str, timed: list[Timed]) -> None:
 
 
 if __name__ == "__main__":
+    import argparse
+
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from bench.engine_bench import build_shape, load_model, make_workload
+    from bench.engine_bench import SHAPES, build_shape, load_model, make_workload
     from lorabatch.worker.demo_model import DEMO_ADAPTERS, DEMO_MODEL_DIR
 
-    shape = sys.argv[1] if len(sys.argv) > 1 else "demo"
+    ap = argparse.ArgumentParser(description="lorabatch end to end against the engine alone, on one model shape")
+    ap.add_argument("shape", nargs="?", default="demo", choices=list(SHAPES))
+    ap.add_argument("--rounds", type=int, default=1, help="runs of each way, interleaved; the best counts")
+    args = ap.parse_args()
     cache = Path(os.environ.get("LORABATCH_BENCH_MODELS", Path(__file__).resolve().parent / "out" / "models"))
-    root = build_shape(cache, shape)
+    root = build_shape(cache, args.shape)
     _, tok = load_model(root / DEMO_MODEL_DIR)
     reqs = make_workload(tok, n=256, adapters=[BASE_ADAPTER, *DEMO_ADAPTERS])
-    print_e2e(shape, bench_end_to_end(root, reqs, max_batch_size=32, max_batch_tokens=16384))
+    print_e2e(args.shape, bench_end_to_end(root, reqs, max_batch_size=32, max_batch_tokens=16384, rounds=args.rounds))
