@@ -39,10 +39,10 @@ class Deployment:
     """A config, an embedded Redis, SQLite and one worker process over the models in `root`."""
 
     def __init__(self, root: Path, tmp: Path, *, max_batch_size: int, max_batch_tokens: int):
-        from lorabatch.producer.context import Context
-        from lorabatch.producer.init_cmd import render_config
+        from lorabatch.cli.init import render_config
+        from lorabatch.demo.build import DEMO_ADAPTERS, DEMO_MODEL_DIR
         from lorabatch.schemas.settings import load_settings
-        from lorabatch.worker.demo_model import DEMO_ADAPTERS, DEMO_MODEL_DIR
+        from lorabatch.store.context import Context
 
         self.cfg = tmp / "lorabatch.toml"
         text = render_config(base=str(root / DEMO_MODEL_DIR), adapters={n: str(root / p) for n, p in DEMO_ADAPTERS.items()})
@@ -57,7 +57,7 @@ class Deployment:
     def start_worker(self) -> None:
         """Start one `lorabatch worker` process and wait until it has registered in the database."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("LORABATCH_")}
-        self.worker = subprocess.Popen([sys.executable, "-m", "lorabatch.producer.cli", "--config", str(self.cfg),
+        self.worker = subprocess.Popen([sys.executable, "-m", "lorabatch.cli", "--config", str(self.cfg),
                                         "worker", "--loglevel", "warning"], stdout=self.log, stderr=subprocess.STDOUT,
                                        env=env)
         self._wait_ready()
@@ -99,7 +99,7 @@ class Deployment:
             time.sleep(0.2)
 
     def close(self) -> None:
-        from lorabatch import broker
+        from lorabatch.store import broker
 
         self.worker.terminate()
         self.worker.wait(60)
@@ -184,7 +184,7 @@ if __name__ == "__main__":
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from bench.engine_bench import SHAPES, build_shape, load_model, make_workload
-    from lorabatch.worker.demo_model import DEMO_ADAPTERS, DEMO_MODEL_DIR
+    from lorabatch.demo.build import DEMO_ADAPTERS, DEMO_MODEL_DIR
 
     ap = argparse.ArgumentParser(description="lorabatch end to end against the engine alone, on one model shape")
     ap.add_argument("shape", nargs="?", default="demo", choices=list(SHAPES))

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
+from lorabatch.demo.build import DEMO_ADAPTERS, DEMO_MODEL_DIR, build_demo
 from lorabatch.schemas.settings import BASE_ADAPTER
-from lorabatch.worker.adapters import AdapterManager
-from lorabatch.worker.demo_model import DEMO_ADAPTERS, DEMO_MODEL_DIR, build_demo
-from lorabatch.worker.engine import Engine, GenerationRequest, SamplingParams
+from lorabatch.worker.engine.adapters import AdapterManager
+from lorabatch.worker.engine.engine import Engine, GenerationRequest, SamplingParams
 
 SHAPES = {
     "demo": dict(hidden_size=256, num_layers=4),

@@ -99,8 +99,8 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from bench.e2e_bench import Deployment
     from bench.engine_bench import build_shape, load_model, make_workload
+    from lorabatch.demo.build import DEMO_ADAPTERS, DEMO_MODEL_DIR
     from lorabatch.schemas.settings import BASE_ADAPTER
-    from lorabatch.worker.demo_model import DEMO_ADAPTERS, DEMO_MODEL_DIR
 
     cache = Path(os.environ.get("LORABATCH_BENCH_MODELS", Path(__file__).resolve().parent / "out" / "models"))
     root = build_shape(cache, "demo")

@@ -23,9 +23,16 @@ sys.path.insert(0, str(HERE.parent))
 
 def main() -> int:
     from bench.e2e_bench import bench_end_to_end, print_e2e
-    from bench.engine_bench import SHAPES, bench_shape, build_shape, load_model, make_workload, print_table
+    from bench.engine_bench import (
+        SHAPES,
+        bench_shape,
+        build_shape,
+        load_model,
+        make_workload,
+        print_table,
+    )
+    from lorabatch.demo.build import DEMO_ADAPTERS, DEMO_MODEL_DIR
     from lorabatch.schemas.settings import BASE_ADAPTER
-    from lorabatch.worker.demo_model import DEMO_ADAPTERS, DEMO_MODEL_DIR
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["qwen0.5b-4l", "demo"], choices=list(SHAPES))

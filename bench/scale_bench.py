@@ -41,10 +41,10 @@ def main() -> None:
     ap.add_argument("--lines", type=int, default=1_000_000)
     args = ap.parse_args()
 
-    from lorabatch import broker
-    from lorabatch.producer.context import Context
     from lorabatch.producer.status import read_summary
     from lorabatch.schemas.settings import load_settings
+    from lorabatch.store import broker
+    from lorabatch.store.context import Context
 
     with tempfile.TemporaryDirectory(prefix="lorabatch-scale-") as tmp:
         tmp = Path(tmp)
@@ -61,7 +61,7 @@ def main() -> None:
         before = redis_used_memory(url)
         env = {k: v for k, v in os.environ.items() if not k.startswith("LORABATCH_")}
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "lorabatch.producer.cli", "--config", str(cfg), "submit",
+        proc = subprocess.Popen([sys.executable, "-m", "lorabatch.cli", "--config", str(cfg), "submit",
                                  str(infile), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
@@ -83,8 +83,8 @@ def main() -> None:
         broker.stop_embedded_redis(settings.state_path)
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
-    print(f"| lines | submit wall | lines/s | submit peak RSS | Redis bytes / queued request | status |")
-    print(f"|---|---|---|---|---|---|")
+    print("| lines | submit wall | lines/s | submit peak RSS | Redis bytes / queued request | status |")
+    print("|---|---|---|---|---|---|")
     print(f"| {args.lines:,} | {wall:.1f} s | {args.lines / wall:,.0f} | {usage.ru_maxrss / 1024:.0f} MB "
           f"| {per_request:.0f} | {status_ms:.2f} ms |")
 

@@ -21,11 +21,11 @@ import pytest
 import redis as redis_lib
 from sqlalchemy import create_engine
 
-from lorabatch import broker
-from lorabatch.producer.context import Context
-from lorabatch.producer.init_cmd import render_config
+from lorabatch.cli.init import render_config
 from lorabatch.schemas.settings import load_settings
 from lorabatch.schemas.tables import Base
+from lorabatch.store import broker
+from lorabatch.store.context import Context
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER_READY_SECONDS = 90
@@ -67,7 +67,7 @@ def database_url(tmp_path: Path) -> str:
     """A fresh database per test: LORABATCH_TEST_DATABASE_URL with its tables dropped, else a new SQLite file."""
     url = os.environ.get("LORABATCH_TEST_DATABASE_URL")
     if not url:
-        return f"sqlite:///{tmp_path / 'lorabatch.db'}"
+        return f"sqlite:///{tmp_path / 'lorabatch.store.db'}"
     engine = create_engine(url)
     Base.metadata.drop_all(engine)
     engine.dispose()
@@ -77,7 +77,7 @@ def database_url(tmp_path: Path) -> str:
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
     """The tiny demo model and its four adapters, built once per test session."""
-    from lorabatch.worker.demo_model import build_demo
+    from lorabatch.demo.build import build_demo
 
     return build_demo(tmp_path_factory.mktemp("demo"))
 
@@ -85,7 +85,7 @@ def demo_root(tmp_path_factory) -> Path:
 @pytest.fixture()
 def config_path(tmp_path: Path, demo_root: Path, redis_flushed: str, database_url: str) -> Path:
     """A lorabatch.toml pointing at the demo model, the test Redis and the test database."""
-    from lorabatch.worker.demo_model import DEMO_ADAPTERS, DEMO_MODEL_DIR
+    from lorabatch.demo.build import DEMO_ADAPTERS, DEMO_MODEL_DIR
 
     text = render_config(base=str(demo_root / DEMO_MODEL_DIR),
                          adapters={n: str(demo_root / p) for n, p in DEMO_ADAPTERS.items()})
@@ -116,7 +116,7 @@ def tune_config(config_path: Path, section: str, **options) -> None:
 def run_cli(config_path: Path, *args: str, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run the real `lorabatch` command in a subprocess."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORABATCH_")}
-    return subprocess.run([sys.executable, "-m", "lorabatch.producer.cli", "--config", str(config_path), *args],
+    return subprocess.run([sys.executable, "-m", "lorabatch.cli", "--config", str(config_path), *args],
                           capture_output=True, text=True, input=input, timeout=timeout, env=env, cwd=config_path.parent)
 
 
@@ -129,7 +129,7 @@ class WorkerProcess:
         full_env.update(env or {})
         self.log = log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lorabatch.producer.cli", "--config", str(config_path), "worker", *extra],
+            [sys.executable, "-m", "lorabatch.cli", "--config", str(config_path), "worker", *extra],
             stdout=self.log, stderr=subprocess.STDOUT, env=full_env, cwd=config_path.parent,
         )
 

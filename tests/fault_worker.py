@@ -10,8 +10,8 @@ import os
 import signal
 import sys
 
-import lorabatch.worker.engine as engine_module
-from lorabatch.producer.cli import main
+import lorabatch.worker.engine.engine as engine_module
+from lorabatch.cli.main import main
 
 POISON = "POISON"
 _generate = engine_module.Engine.generate

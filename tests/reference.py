@@ -13,7 +13,7 @@ def reference_model(demo_root: Path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lorabatch.worker.demo_model import DEMO_ADAPTERS, DEMO_MODEL_DIR
+    from lorabatch.demo.build import DEMO_ADAPTERS, DEMO_MODEL_DIR
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(demo_root / DEMO_MODEL_DIR, dtype=torch.float32)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorabatch.errors import AdapterError
-from lorabatch.worker.adapters import AdapterManager
-from lorabatch.worker.demo_model import DEMO_ADAPTERS, DEMO_MODEL_DIR
+from lorabatch.demo.build import DEMO_ADAPTERS, DEMO_MODEL_DIR
+from lorabatch.schemas.errors import AdapterError
+from lorabatch.worker.engine.adapters import AdapterManager
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -107,7 +107,7 @@ def test_base_model_mismatch_only_warns_once(demo_dirs, base_dir, tmp_path, capl
     folder = copy_adapter(demo_dirs["sft"], tmp_path / "elsewhere")
     edit_config(folder, base_model_name_or_path="SomeOrg/another-model")
     manager = AdapterManager({"elsewhere": folder}, base_model=str(base_dir))
-    with caplog.at_level(logging.WARNING, logger="lorabatch.worker.adapters"):
+    with caplog.at_level(logging.WARNING, logger="lorabatch.worker.engine.adapters"):
         manager.spec("elsewhere")
         manager.spec("elsewhere")
     assert len([r for r in caplog.records if "trained on SomeOrg/another-model" in r.getMessage()]) == 1
@@ -115,7 +115,7 @@ def test_base_model_mismatch_only_warns_once(demo_dirs, base_dir, tmp_path, capl
     other = AdapterManager({"elsewhere": folder}, base_model=str(base_dir))
     other._module_names = manager._module_names
     other.base_model = "/models/another-model"
-    with caplog.at_level(logging.WARNING, logger="lorabatch.worker.adapters"):
+    with caplog.at_level(logging.WARNING, logger="lorabatch.worker.engine.adapters"):
         other.spec("elsewhere")
     assert not caplog.records
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from lorabatch.errors import InvalidInput, UsageError
 from lorabatch.producer import annotation as an
+from lorabatch.schemas.errors import InvalidInput, UsageError
 from lorabatch.schemas.tables import Job, Request
 from tests.conftest import run_cli
 
@@ -26,7 +26,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def cli_in_process(capsys, config_path: Path, *args: str) -> tuple[int, str, str]:
     """Run `lorabatch` in this process (faster than run_cli where no subprocess is needed): (exit code, out, err)."""
-    from lorabatch.producer.cli import main
+    from lorabatch.cli.main import main
 
     capsys.readouterr()
     code = main(["--config", str(config_path), *args])

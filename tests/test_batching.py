@@ -5,9 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorabatch.worker.batching import Item, batch_cost, pack, plan_batches, sort_by_length
-from lorabatch.worker.sampling import sample_filtered
-from lorabatch.worker.stops import StopStrings, cut_at_stop
+from lorabatch.worker.engine.batching import (
+    Item,
+    batch_cost,
+    pack,
+    plan_batches,
+    sort_by_length,
+)
+from lorabatch.worker.engine.sampling import sample_filtered
+from lorabatch.worker.engine.stops import StopStrings, cut_at_stop
 
 
 def items(*specs: tuple[str, int, int]) -> list[Item]:
@@ -143,6 +149,6 @@ def test_sample_filtered_limits():
 )
 def test_prefill_chunks_bound_padding(lengths, chunks):
     """Prompts of very different lengths are prefilled in separate chunks, similar ones together."""
-    from lorabatch.worker.decode import prefill_chunks
+    from lorabatch.worker.engine.decode import prefill_chunks
 
     assert [(c.start, c.stop) for c in prefill_chunks(lengths)] == chunks

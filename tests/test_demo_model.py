@@ -1,4 +1,4 @@
-"""Tests for the offline demo model and adapters (lorabatch.worker.demo_model)."""
+"""Tests for the offline demo model and adapters (lorabatch.demo.build)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,19 @@ import hashlib
 import json
 import subprocess
 import sys
-from itertools import combinations
 from pathlib import Path
 
 import pytest
 
-from lorabatch.worker import demo_model
-from lorabatch.worker.demo_model import DEMO_ADAPTERS, DEMO_MODEL_DIR, build_demo, demo_is_built
+from lorabatch.demo import build as demo_model
+from lorabatch.demo import tokenizer as demo_tokenizer
+from lorabatch.demo import weights as demo_weights
+from lorabatch.demo.build import (
+    DEMO_ADAPTERS,
+    DEMO_MODEL_DIR,
+    build_demo,
+    demo_is_built,
+)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -86,7 +92,7 @@ def test_split_regex_matches_transformers() -> None:
     """The copied Qwen split regex is the one Qwen2Tokenizer rebuilds on load."""
     from transformers.models.qwen2 import tokenization_qwen2
 
-    assert demo_model.QWEN_SPLIT_REGEX == tokenization_qwen2.PRETOKENIZE_REGEX
+    assert demo_tokenizer.QWEN_SPLIT_REGEX == tokenization_qwen2.PRETOKENIZE_REGEX
 
 
 @pytest.mark.parametrize("text", ROUND_TRIP_STRINGS)
@@ -100,7 +106,7 @@ def test_tokenizer_ids_survive_save_and_reload(tokenizer, text: str) -> None:
 
 def _trained_tokenizer():
     if not hasattr(_trained_tokenizer, "cached"):
-        _trained_tokenizer.cached = demo_model._train_tokenizer(4096)
+        _trained_tokenizer.cached = demo_tokenizer.train_tokenizer(4096)
     return _trained_tokenizer.cached
 
 
@@ -140,7 +146,7 @@ def test_rebuild_skipped_without_importing_torch(demo_root: Path) -> None:
     weights = demo_root / DEMO_MODEL_DIR / "model.safetensors"
     before = weights.stat().st_mtime_ns
     code = (
-        "import sys; from lorabatch.worker.demo_model import build_demo, demo_is_built; "
+        "import sys; from lorabatch.demo.build import build_demo, demo_is_built; "
         f"build_demo({str(demo_root)!r}); assert demo_is_built({str(demo_root)!r}); "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
@@ -197,7 +203,7 @@ def test_checkpoint_folders_hold_trainer_files_beside_adapter(demo_root: Path, r
     """Trainer checkpoint folders hold the adapter, the tokenizer and the trainer's state files."""
     names = {p.name for p in (demo_root / rel).iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "trainer_state.json"} <= names
-    assert set(demo_model.TRAINER_FILES) <= names
+    assert set(demo_weights.TRAINER_FILES) <= names
     step = int(rel.rsplit("-", 1)[1])
     assert json.loads((demo_root / rel / "trainer_state.json").read_text())["global_step"] == step
     # The run folder itself is not an adapter; callers must pick the checkpoint.
@@ -213,7 +219,7 @@ def test_adapters_match_reference_lora_shape(demo_root: Path) -> None:
         assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (16, 32, 0.05)
         assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
         assert config["task_type"] == "CAUSAL_LM"
-        assert config["base_model_name_or_path"] == demo_model.DEMO_BASE_MODEL_NAME
+        assert config["base_model_name_or_path"] == demo_weights.DEMO_BASE_MODEL_NAME
         weights = load_file(demo_root / rel / "adapter_model.safetensors")
         lora_b = [t for k, t in weights.items() if "lora_B" in k]
         assert lora_b and all(t.abs().sum() > 0 for t in lora_b)

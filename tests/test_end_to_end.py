@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -115,7 +114,7 @@ def test_demo_command_runs_the_main_job(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORABATCH_")}
     env["LORABATCH_STATE_DIR"] = str(tmp_path / "state")
-    r = subprocess.run([sys.executable, "-m", "lorabatch.producer.cli", "demo", "--requests", "20",
+    r = subprocess.run([sys.executable, "-m", "lorabatch.cli", "demo", "--requests", "20",
                         "--max-new-tokens", "4"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     try:
         assert r.returncode == 0, r.stderr[-3000:]
@@ -123,6 +122,6 @@ def test_demo_command_runs_the_main_job(tmp_path):
         shown = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
         assert {s["adapter"] for s in shown} == set(ADAPTERS) and all(s["status"] == "succeeded" for s in shown)
     finally:
-        from lorabatch import broker
+        from lorabatch.store import broker
 
         broker.stop_embedded_redis(tmp_path / "state")

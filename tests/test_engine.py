@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from lorabatch.demo.build import DEMO_ADAPTERS, DEMO_MODEL_DIR
 from lorabatch.schemas.settings import BASE_ADAPTER, Settings
-from lorabatch.worker import decode
-from lorabatch.worker.adapters import AdapterManager
-from lorabatch.worker.demo_model import DEMO_ADAPTERS, DEMO_MODEL_DIR
-from lorabatch.worker.engine import Engine, GenerationRequest, SamplingParams
+from lorabatch.worker.engine import decode
+from lorabatch.worker.engine.adapters import AdapterManager
+from lorabatch.worker.engine.engine import Engine, GenerationRequest, SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -296,7 +296,7 @@ def test_from_settings_and_any_thread(demo_root):
 
 def test_load_base_failure_names_the_path(tmp_path):
     """A base model that cannot be loaded fails with one error that names its path."""
-    from lorabatch.worker.model import ModelLoadError, load_base
+    from lorabatch.worker.engine.model import ModelLoadError, load_base
 
     missing = tmp_path / "no-model-here"
     missing.mkdir()

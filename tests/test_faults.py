@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from lorabatch import broker
 from lorabatch.schemas.tables import Request
+from lorabatch.store import broker
 from tests.conftest import WorkerProcess, run_cli, tune_config, wait_for_job
 
 pytestmark = pytest.mark.slow

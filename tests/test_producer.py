@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, func, inspect, select, text
 
-from lorabatch import db
 from lorabatch.schemas.settings import Settings
 from lorabatch.schemas.tables import Job, Request
+from lorabatch.store import db
 from tests.conftest import _redis_client, run_cli, tune_config
 
 GOOD = [

@@ -16,10 +16,10 @@ from sqlalchemy import select, update
 from lorabatch.producer import annotation as an
 from lorabatch.producer import schedules
 from lorabatch.producer.beat import DatabaseScheduler
-from lorabatch.producer.context import Context
 from lorabatch.schemas.annotation_tables import AnnotationRun, Schedule
 from lorabatch.schemas.settings import load_settings
 from lorabatch.schemas.tables import Job, utcnow
+from lorabatch.store.context import Context
 from tests.conftest import run_cli
 from tests.test_annotate import cli_in_process
 
@@ -221,7 +221,7 @@ def test_beat_process_fires_and_writes(config_path, tmp_path, ctx, start_worker)
         s.execute(update(Schedule).values(counts_from=utcnow() - timedelta(minutes=2)))
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORABATCH_")}
     log = (tmp_path / "beat.log").open("wb")
-    beat = subprocess.Popen([sys.executable, "-m", "lorabatch.producer.cli", "--config", str(config_path), "beat",
+    beat = subprocess.Popen([sys.executable, "-m", "lorabatch.cli", "--config", str(config_path), "beat",
                              "--interval", "1"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     try:
         out = tmp_path / "d.annotated.jsonl"
