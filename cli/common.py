@@ -21,5 +21,15 @@ def context_of(click_ctx: click.Context) -> Context:
     return ctx
 
 
+JOB_HELP = "JOB is a job's id, a unique prefix of its id, or its name."
+
+
+def client_of(click_ctx: click.Context):
+    """The Python client over this invocation's Context: the commands and the client are one code path."""
+    from lorabatch.client import Client
+
+    return Client(context=context_of(click_ctx))
+
+
 def echo_json(data) -> None:
     click.echo(json.dumps(data, indent=None, default=str))

@@ -51,6 +51,9 @@ max_file_bytes = 2147483648
 # state_dir = ".lorabatch"
 '''
 
+ADAPTERS_DIR = "adapters"
+"""The folder `init` creates for adapter directories, beside lorabatch.toml."""
+
 REFERENCE_ADAPTERS = {
     "sft": "adapters/qwen_lora_adapter",
     "sft-ckpt39": "adapters/qwen_lora_sft/checkpoint-39",
@@ -77,5 +80,7 @@ def write_config(directory: Path, *, demo: bool = False, force: bool = False) ->
         assert root.exists()
     else:
         text = render_config(base="Qwen/Qwen2.5-1.5B-Instruct", adapters=REFERENCE_ADAPTERS)
+    # The config's adapter paths start with adapters/: copy (or link) adapter folders in here.
+    (directory / ADAPTERS_DIR).mkdir(exist_ok=True)
     path.write_text(text)
     return path

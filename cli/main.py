@@ -16,13 +16,15 @@ from pathlib import Path
 import click
 
 from lorabatch.cli.annotate import COMMANDS as ANNOTATION_COMMANDS
-from lorabatch.cli.common import context_of, echo_json
+from lorabatch.cli.common import JOB_HELP, client_of, context_of, echo_json
+from lorabatch.cli.jobs import COMMANDS as JOB_COMMANDS
+from lorabatch.cli.run import run as run_command
+from lorabatch.producer.inputs import plural
 from lorabatch.schemas.errors import LorabatchError, UsageError
 from lorabatch.schemas.settings import hide_password
-from lorabatch.schemas.states import JobState
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.option("--config", type=click.Path(dir_okay=False), help="Config file (default: $LORABATCH_CONFIG or ./lorabatch.toml).")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @click.version_option(package_name="lorabatch")
@@ -37,92 +39,83 @@ def cli(click_ctx: click.Context, config: str | None, debug: bool) -> None:
 @click.option("--adapter", help="Adapter for lines that name none ('base' for the base model).")
 @click.option("--name", help="A name for the job.")
 @click.option("--priority", type=int, default=5, show_default=True, help="0 (lowest) to 9 (highest).")
-@click.option("--idempotency-key", help="Submitting again with the same key returns the first job.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON object with the job's id.")
+@click.option("--idempotency-key", help="Submitting again with the same key returns the first job "
+                                        "(an error if the requests differ).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object: id, total, created.")
 @click.pass_context
 def submit(click_ctx, file, adapter, name, priority, idempotency_key, as_json) -> None:
     """Validate FILE (a path or -), create a job, enqueue it and print its id."""
-    from lorabatch.producer.submit import submit_file
-
-    ctx = context_of(click_ctx)
-    result = submit_file(ctx, file, adapter=adapter, name=name, priority=priority, idempotency_key=idempotency_key)
+    job = client_of(click_ctx).submit(file, adapter=adapter, name=name, priority=priority,
+                                      idempotency_key=idempotency_key)
+    result = job.submitted
     if as_json:
-        echo_json({"id": result.job_id, "total": result.total, "created": result.created})
+        echo_json({"id": job.id, "total": result.total, "created": result.created})
     else:
-        click.echo(result.job_id)
+        click.echo(job.id)
         note = "submitted" if result.created else "already submitted with this idempotency key"
-        click.echo(f"{result.total} requests {note}; follow with: lorabatch status {result.job_id} --watch", err=True)
+        click.echo(f"{plural(result.total, 'request')} {note}; follow with: lorabatch status {job.id} --watch", err=True)
 
 
-@cli.command()
+@cli.command(epilog=JOB_HELP)
 @click.argument("job")
 @click.option("--watch", is_flag=True, help="Show a live progress bar until the job ends.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object: id, state, counts, tokens, workers.")
 @click.pass_context
 def status(click_ctx, job, watch, as_json) -> None:
-    """State, counts, tokens, throughput and ETA of JOB."""
+    """State, counts, tokens, throughput, ETA and live workers of JOB."""
     from lorabatch.producer import status as st
 
-    ctx = context_of(click_ctx)
-    summary = st.watch(ctx.sessions, job) if watch else st.read_summary(ctx.sessions, job)
+    client = client_of(click_ctx)
+    handle = client.job(job)
+    if watch:
+        summary = st.watch(client.context.sessions, handle.id, lease_seconds=client.settings.worker.lease_seconds)
+    else:
+        summary = handle.status()
     echo_json(summary) if as_json else click.echo(st.format_summary(summary))
 
 
-@cli.command()
+@cli.command(epilog=JOB_HELP)
 @click.argument("job")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here instead of standard output.")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "openai", "csv"]), default="jsonl", show_default=True)
+@click.option("--errors", "errors_path", type=click.Path(dir_okay=False),
+              help="openai format: the file for failed and cancelled requests "
+                   "(default: OUTPUT.errors.jsonl, or JOB.errors.jsonl with standard output); written only if any.")
+@click.option("--partial", is_flag=True, help="Export a job that has not ended: what is done, the rest as not done.")
+@click.option("--wait", is_flag=True, help="Wait for the job to end first (a progress bar on stderr).")
 @click.pass_context
-def results(click_ctx, job, output, fmt) -> None:
-    """Export JOB's results in the input's order."""
-    from lorabatch.producer.export import write_results
-    from lorabatch.store import lifecycle
+def results(click_ctx, job, output, fmt, errors_path, partial, wait) -> None:
+    """Export JOB's results in the input's order.
 
-    ctx = context_of(click_ctx)
-    with ctx.sessions() as session:
-        lifecycle.get_job(session, job)
-        if output:
-            tmp = Path(output).with_suffix(Path(output).suffix + ".part")
-            with open(tmp, "w", encoding="utf-8", newline="") as f:
-                n = write_results(session, job, f, fmt=fmt)
-            tmp.replace(output)
-            click.echo(f"wrote {n} results to {output}", err=True)
-        else:
-            write_results(session, job, sys.stdout, fmt=fmt)
+    An unfinished job is an error (exit 1, how many are not done on stderr) unless --partial or --wait.
+    """
+    from lorabatch.producer import status as st
+
+    client = client_of(click_ctx)
+    handle = client.job(job)
+    if wait:
+        st.watch(client.context.sessions, handle.id, lease_seconds=client.settings.worker.lease_seconds)
+    summary = handle.status() if partial else handle.check_finished()
+    c = summary["counts"]
+    if c["queued"] + c["running"]:
+        click.echo(f"job {handle.id} is {summary['state']}: {c['queued'] + c['running']} of {c['total']} requests "
+                   "are not done yet (exported with their current status)", err=True)
+    written, error_file = handle.export(output, fmt=fmt, errors=errors_path, partial=True)
+    if output:
+        click.echo(f"wrote {plural(written.results, 'result')} to {output}", err=True)
+    if error_file:
+        click.echo(f"wrote {plural(written.errors, 'failed or cancelled request')} to {error_file}", err=True)
 
 
-@cli.command()
+@cli.command(epilog=JOB_HELP)
 @click.argument("job")
 @click.pass_context
 def cancel(click_ctx, job) -> None:
     """Cancel what has not run yet; what already finished is kept."""
-    from lorabatch.store import lifecycle
-    from lorabatch.store.db import transaction
-
-    ctx = context_of(click_ctx)
-    with transaction(ctx.sessions) as session:
-        j = lifecycle.cancel_job(session, job)
-        click.echo(f"job {j.id} is {j.state}: {j.n_cancelled} cancelled, {j.n_succeeded + j.n_failed} kept, "
-                   f"{j.n_running} still running")
-
-
-@cli.command()
-@click.option("--state", type=click.Choice([s.value for s in JobState]))
-@click.option("--limit", type=int, default=100, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def jobs(click_ctx, state, limit, as_json) -> None:
-    """List jobs, newest first."""
-    from lorabatch.producer.status import list_jobs
-
-    rows = list_jobs(context_of(click_ctx).sessions, state=state, limit=limit)
-    if as_json:
-        echo_json(rows)
-        return
-    for r in rows:
-        c = r["counts"]
-        click.echo(f"{r['id']}  {r['state']:<10} {r['done']:>7}/{c['total']:<7} failed {c['failed']:<5} "
-                   f"{r['created_at'][:19]}  {r['name'] or ''}")
+    s = client_of(click_ctx).job(job).cancel()
+    c = s["counts"]
+    click.echo(f"job {s['id']} is {s['state']}: {c['cancelled']} cancelled, {c['succeeded'] + c['failed']} kept, "
+               f"{c['running']} still running")
 
 
 @cli.command()
@@ -189,18 +182,32 @@ def reconcile(click_ctx) -> None:
 
 
 @cli.command("config")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of TOML-like sections.")
 @click.pass_context
-def show_config(click_ctx) -> None:
+def show_config(click_ctx, as_json) -> None:
     """Print the settings in force (passwords hidden)."""
     s = context_of(click_ctx).settings
     data = json.loads(s.model_dump_json())
     data["broker_url"] = hide_password(s.broker_url)
     data["database_url"] = hide_password(s.database_url)
-    echo_json(data)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    sections = {k: data.pop(k) for k in ("model", "adapters", "worker", "limits")}
+    sections["service"] = data
+    for name, values in sections.items():
+        click.echo(f"[{name}]")
+        for key, value in values.items():
+            click.echo(f"{key} = {json.dumps(value)}")
+        click.echo()
 
 
-for _command in ANNOTATION_COMMANDS:  # annotate, schedule and beat live in their own module
+for _command in [*JOB_COMMANDS, *ANNOTATION_COMMANDS]:  # commands that live in their own modules
     cli.add_command(_command)
+cli.add_command(run_command)
+for _command in cli.commands.values():  # the command list shows whole first lines, never "..." cut ones
+    if _command.short_help is None and _command.help:
+        _command.short_help = _command.help.strip().split("\n\n")[0].replace("\n", " ")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import calendar
 import csv
 import json
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -124,18 +125,24 @@ class Written:
 def write_results(session: Session, job_id: str, out: TextIO, *, fmt: str = "jsonl",
                   errors: TextIO | LazyFile | None = None) -> Written:
     """Write every request of the job to `out` in `fmt` (openai: failures to `errors`)."""
+    return write_rows(iter_results(session, job_id), out, fmt=fmt, errors=errors)
+
+
+def write_rows(rows: Iterable[Request], out: TextIO, *, fmt: str = "jsonl",
+               errors: TextIO | LazyFile | None = None) -> Written:
+    """Write requests (stored rows, or unsaved ones from `lorabatch run`) to `out` in `fmt`."""
     written = Written()
     if fmt == "csv":
         writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
         writer.writeheader()
-        for row in iter_results(session, job_id):
+        for row in rows:
             writer.writerow(native_record(row))
             written.results += 1
         return written
     if fmt == "openai":
         if errors is None:
             raise ValueError("the openai format needs an error file")
-        for row in iter_results(session, job_id):
+        for row in rows:
             line, ok = openai_record(row)
             (out if ok else errors).write(json.dumps(line, ensure_ascii=False) + "\n")
             if ok:
@@ -143,7 +150,30 @@ def write_results(session: Session, job_id: str, out: TextIO, *, fmt: str = "jso
             else:
                 written.errors += 1
         return written
-    for row in iter_results(session, job_id):
+    for row in rows:
         out.write(json.dumps(native_record(row), ensure_ascii=False) + "\n")
         written.results += 1
     return written
+
+
+def export_to(path: str | Path | None, write: Callable[[TextIO, LazyFile | None], Written], *, fmt: str,
+              errors: str | Path | None, default_errors: str) -> tuple[Written, Path | None]:
+    """Run `write(out, error_file)` into `path` (through `<path>.part`, renamed when complete) or standard
+    output when None. The openai format's error file is `errors`, else `<path>.errors.jsonl` (or
+    `default_errors` beside the current folder when writing to standard output); created only if needed.
+    Returns what was written and the error file's path when one was written."""
+    error_file = None
+    if fmt == "openai":
+        error_file = LazyFile(errors or (f"{path}{ERRORS_SUFFIX}" if path else default_errors))
+    try:
+        if path is None:
+            written = write(sys.stdout, error_file)
+        else:
+            part = Path(path).with_name(Path(path).name + ".part")
+            with open(part, "w", encoding="utf-8", newline="") as f:
+                written = write(f, error_file)
+            part.replace(path)
+    finally:
+        if error_file is not None:
+            error_file.close()
+    return written, (error_file.path if error_file is not None and error_file.lines else None)

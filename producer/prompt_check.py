@@ -52,10 +52,14 @@ class PromptLengthCheck:
         try:
             from transformers import AutoTokenizer
 
-            return AutoTokenizer.from_pretrained(self.settings.base_model, local_files_only=True, trust_remote_code=False)
+            tok = AutoTokenizer.from_pretrained(self.settings.base_model, local_files_only=True, trust_remote_code=False)
         except Exception:
             log.info("no local tokenizer for %s: prompt lengths are checked by the worker", self.settings.base_model)
             return None
+        # Counting a too-long prompt is the point here: without this, transformers warns "Token indices
+        # sequence length is longer than the specified maximum" into submit's output.
+        tok.model_max_length = 1 << 62
+        return tok
 
     def __call__(self, spec: RequestSpec) -> str | None:
         context = self.context

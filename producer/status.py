@@ -11,9 +11,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from lorabatch.producer.jobs import find_job, workers_for_job
 from lorabatch.schemas.states import JobState
 from lorabatch.schemas.tables import Job, utcnow
-from lorabatch.producer.jobs import find_job, workers_for_job
 
 WATCH_INTERVAL = 0.5
 """Seconds between refreshes of `status --watch`."""

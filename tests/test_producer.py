@@ -72,7 +72,7 @@ def test_invalid_file_is_rejected_whole(config_path, tmp_path, ctx, redis_flushe
     r = run_cli(config_path, "submit", str(write_jsonl(tmp_path / "bad.jsonl", lines)))
     assert r.returncode == 2
     assert "line 2:" in r.stderr and "line 4:" in r.stderr and "line 5:" in r.stderr and "repeats custom_id" in r.stderr
-    assert "3 invalid line(s)" in r.stderr and "Traceback" not in r.stderr
+    assert "3 invalid lines;" in r.stderr and "Traceback" not in r.stderr
     assert r.stdout == ""
     assert count_jobs(ctx) == 0
     assert queued_messages(redis_flushed) == 0
@@ -127,16 +127,25 @@ def test_idempotency_key_creates_one_job(config_path, tmp_path, ctx, redis_flush
 
 
 def test_results_formats_to_file(config_path, tmp_path):
-    """results -o writes jsonl, openai and csv files in input order."""
+    """results on an unfinished job: exit 1 naming how many are not done; with --partial, -o writes jsonl,
+    openai (not-done requests in the error file) and csv in input order."""
     job_id = json.loads(run_cli(config_path, "submit", str(write_jsonl(tmp_path / "in.jsonl", GOOD)), "--json").stdout)["id"]
+    r = run_cli(config_path, "results", job_id, "-o", str(tmp_path / "early.jsonl"))
+    assert r.returncode == 1 and "3 of 3 requests are not done" in r.stderr and "--partial" in r.stderr
+    assert not (tmp_path / "early.jsonl").exists()
     for fmt in ("jsonl", "openai", "csv"):
         out = tmp_path / f"out.{fmt}"
-        r = run_cli(config_path, "results", job_id, "--format", fmt, "-o", str(out))
+        r = run_cli(config_path, "results", job_id, "--format", fmt, "-o", str(out), "--partial")
         assert r.returncode == 0, r.stderr
+        assert "3 of 3 requests are not done yet" in r.stderr
         text = out.read_text()
         if fmt == "csv":
             rows = list(csv.DictReader(io.StringIO(text)))
             assert [r["custom_id"] for r in rows] == ["a", "b", "c"] and rows[0]["status"] == "queued"
+        elif fmt == "openai":
+            assert text == ""
+            errors = (tmp_path / "out.openai.errors.jsonl").read_text().splitlines()
+            assert [json.loads(l)["error"]["code"] for l in errors] == ["not_finished"] * 3
         else:
             assert [json.loads(l)["custom_id"] for l in text.splitlines()] == ["a", "b", "c"]
 

@@ -13,6 +13,7 @@ from lorabatch.producer.annotation.datasets import (
 )
 from lorabatch.producer.annotation.spec import RunSpec
 from lorabatch.producer.annotation.templates import RowError, Template
+from lorabatch.schemas.errors import UsageError
 from lorabatch.schemas.lines import LineError, parse_line
 from lorabatch.schemas.settings import Settings
 
@@ -33,6 +34,7 @@ def render_datasets(settings: Settings, spec: RunSpec) -> Rendered:
     files = [load_file(f) for f in resolve_datasets(spec.datasets, output=spec.output)]
     rendered = Rendered(files, [])
     for loaded in files:
+        _check_fields(template, loaded)
         per_file = []
         for i, row in enumerate(loaded.rows):
             try:
@@ -50,3 +52,15 @@ def render_datasets(settings: Settings, spec: RunSpec) -> Rendered:
             per_file.append((key, None))
         rendered.rows.append(per_file)
     return rendered
+
+
+def _check_fields(template: Template, loaded: LoadedFile) -> None:
+    """A placeholder that names no column of the file is one usage error, not every row invalid."""
+    columns: dict[str, None] = dict.fromkeys(loaded.header or [])
+    for row in loaded.rows:
+        columns.update(dict.fromkeys(row))
+    missing = [f for f in template.fields if f not in columns]
+    if missing and loaded.rows:
+        names = ", ".join(map(str, columns)) or "none"
+        raise UsageError(f"template placeholder {{{missing[0]}}} matches no column of {loaded.file.input}; "
+                         f"its columns are: {names}. Fix the placeholder's name.")

@@ -1,0 +1,79 @@
+"""Reading an input file into validated requests outside a submit (`lorabatch run`), and the
+messages both give about a bad file. The rules are schemas.lines' (the same parser submit uses)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from lorabatch.schemas.errors import InvalidInput, UsageError
+from lorabatch.schemas.lines import LineError, RequestSpec, parse_line
+from lorabatch.schemas.settings import Settings
+
+MAX_PROBLEMS_SHOWN = 20
+
+
+def check_input_path(source: str) -> None:
+    """A usage error for a path that is a directory or missing ('-' is standard input)."""
+    if source == "-":
+        return
+    path = Path(source)
+    if path.is_dir():
+        raise UsageError(f"{source} is a directory; give a JSONL file (one request per line), or - for standard input.")
+    if not path.exists():
+        raise UsageError(f"input file {source} does not exist; give the path of a JSONL file, or - for standard input.")
+
+
+def iter_specs(settings: Settings, path: Path, *, default_adapter: str | None = None
+               ) -> Iterator[tuple[int, RequestSpec | str]]:
+    """(line number, request or the line's problem) for every non-blank line."""
+    adapters, limits = frozenset(settings.adapters), settings.limits
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                yield line_no, parse_line(raw, line_no=line_no, adapters=adapters, limits=limits,
+                                          default_adapter=default_adapter)
+            except LineError as e:
+                yield line_no, str(e)
+
+
+def read_specs(settings: Settings, path: Path, *, default_adapter: str | None = None) -> list[RequestSpec]:
+    """Every request of the file, or InvalidInput listing the bad lines (as submit does)."""
+    specs: list[RequestSpec] = []
+    problems: list[tuple[int, str]] = []
+    seen: set[str] = set()
+    for line_no, spec in iter_specs(settings, path, default_adapter=default_adapter):
+        if isinstance(spec, str):
+            problems.append((line_no, spec))
+            continue
+        if spec.custom_id in seen:
+            problems.append((line_no, f"repeats custom_id {spec.custom_id!r}; give each line its own"))
+        seen.add(spec.custom_id)
+        specs.append(spec)
+    if problems:
+        raise InvalidInput(problem_message(path, problems, settings=settings), problems)
+    if not specs:
+        raise InvalidInput(f"{path} has no requests, only blank lines; give one JSON request per line.")
+    return specs
+
+
+def problem_message(path: Path | str, problems: list[tuple[int, str]], *, settings: Settings) -> str:
+    """One message for a file's bad lines. With no lorabatch.toml found, lines naming adapters are all
+    'unknown': say that once instead of listing every line."""
+    if settings.config_path is None and any("unknown adapter" in reason for _, reason in problems):
+        return no_config_message()
+    shown = "\n".join(f"  line {n}: {reason}" for n, reason in problems[:MAX_PROBLEMS_SHOWN])
+    more = f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
+    return f"{path}: {plural(len(problems), 'invalid line')}; nothing was submitted. Fix them and submit again:\n{shown}{more}"
+
+
+def no_config_message() -> str:
+    return (f"no lorabatch.toml found in {Path.cwd()}, so no adapter is configured; run this in your project "
+            "folder, pass --config FILE (or set LORABATCH_CONFIG), or create one with `lorabatch init`.")
+
+
+def plural(n: int, noun: str) -> str:
+    """'1 request', '2 requests'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
