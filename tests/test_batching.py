@@ -1,98 +1,61 @@
-"""Pure planning and text helpers of the engine: batching, stop strings, sampling filters."""
+"""Pure helpers of the engine: admission, stop strings, sampling filters, prefill chunks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lorabatch.worker.engine.batching import (
-    Item,
-    batch_cost,
-    pack,
-    plan_batches,
-    sort_by_length,
-)
+from lorabatch.worker.engine.batching import plan_admission
 from lorabatch.worker.engine.sampling import sample_filtered
 from lorabatch.worker.engine.stops import StopStrings, cut_at_stop
 
 
-def items(*specs: tuple[str, int, int]) -> list[Item]:
-    return [Item(i, adapter, plen, new) for i, (adapter, plen, new) in enumerate(specs)]
+def admit(waiting, running=None, merged=None, weights="auto", size=8, max_adapters=8, min_merged_rows=None):
+    decision = plan_admission(waiting, running=running or {}, merged=merged, weights=weights, max_batch_size=size,
+                              max_adapters=max_adapters, min_merged_rows=min_merged_rows)
+    return decision.counts, decision.merged
 
 
 @pytest.mark.parametrize(
-    "specs, cost",
+    "case, expected",
     [
-        ([], 0),
-        ([("a", 10, 5)], 15),
-        ([("a", 10, 5), ("b", 3, 20)], 2 * (10 + 20)),
-        ([("a", 1, 1)] * 4, 8),
+        # separate: any adapter joins, in the caller's order, up to the free slots
+        (dict(waiting={"a": 5, "base": 5}, weights="separate"), ({"a": 5, "base": 3}, None)),
+        (dict(waiting={"a": 5, "b": 5}, running={"c": 6}, weights="separate"), ({"a": 2}, None)),
+        # ... with at most max_adapters distinct adapters in the batch (base does not count)
+        (dict(waiting={"b": 2, "c": 2, "base": 2}, running={"a": 1}, weights="separate", max_adapters=2),
+         ({"b": 2, "base": 2}, None)),
+        # merged: an idle batch takes the adapter with most waiting rows; then only that adapter joins
+        (dict(waiting={"a": 2, "b": 5}, weights="merged"), ({"b": 5}, "b")),
+        (dict(waiting={"a": 9, "b": 5}, running={"b": 5}, merged="b", weights="merged"), ({"b": 3}, "b")),
+        (dict(waiting={"a": 9}, running={"b": 5}, merged="b", weights="merged"), ({}, "b")),
+        # merged: base rows are a group of their own, nothing merged
+        (dict(waiting={"base": 4, "a": 1}, weights="merged"), ({"base": 4}, None)),
+        (dict(waiting={"base": 4, "a": 1}, running={"base": 4}, weights="merged"), ({"base": 4}, None)),
+        # auto, idle: a full batch's worth of one adapter (or the only one waiting) merges ...
+        (dict(waiting={"a": 9, "b": 1}, weights="auto"), ({"a": 8}, "a")),
+        (dict(waiting={"a": 2}, weights="auto"), ({"a": 2}, "a")),
+        # ... a spread of small groups runs apart, mixed
+        (dict(waiting={"a": 2, "b": 2, "base": 2}, weights="auto"), ({"a": 2, "b": 2, "base": 2}, None)),
+        (dict(waiting={"a": 2, "b": 2}, weights="auto", min_merged_rows=2), ({"a": 2}, "a")),
+        # auto, merged batch: stays merged while its adapter fills the free slots ...
+        (dict(waiting={"a": 9, "b": 9}, running={"a": 4}, merged="a", weights="auto"), ({"a": 4}, "a")),
+        # ... or nothing else waits; otherwise switches to weights apart and takes any adapter
+        (dict(waiting={"a": 1}, running={"a": 7}, merged="a", weights="auto"), ({"a": 1}, "a")),
+        (dict(waiting={"a": 1, "b": 9}, running={"a": 4}, merged="a", weights="auto"), ({"a": 1, "b": 3}, None)),
+        # a full batch admits nothing; few free slots with more waiting than fit: wait (nothing changes)
+        (dict(waiting={"a": 3}, running={"a": 8}, merged="a"), ({}, "a")),
+        (dict(waiting={"a": 3}, running={"a": 31}, size=32, weights="separate"), ({}, None)),
+        (dict(waiting={"a": 3, "b": 9}, running={"a": 31}, merged="a", size=32), ({}, "a")),
+        # ... but everything admissible that fits joins at once, even one row
+        (dict(waiting={"a": 1}, running={"a": 31}, size=32, weights="separate"), ({"a": 1}, None)),
+        (dict(waiting={"a": 4}, running={"b": 28}, size=32, weights="separate"), ({"a": 4}, None)),
+        (dict(waiting={"a": 0}, weights="auto"), ({}, None)),
     ],
 )
-def test_batch_cost(specs, cost):
-    """A batch costs rows x (longest prompt + largest max_new_tokens)."""
-    assert batch_cost(items(*specs)) == cost
-
-
-@pytest.mark.parametrize(
-    "specs, limits, sizes",
-    [
-        ([("a", 4, 4)] * 5, dict(max_batch_size=2, max_batch_tokens=1000), [2, 2, 1]),
-        ([("a", 4, 4)] * 5, dict(max_batch_size=32, max_batch_tokens=24), [3, 2]),
-        ([("a", 100, 100), ("a", 1, 1)], dict(max_batch_size=8, max_batch_tokens=50), [1, 1]),
-        ([("a", 1, 1), ("b", 1, 1), ("c", 1, 1)], dict(max_batch_size=8, max_batch_tokens=99, max_adapters=2), [2, 1]),
-        ([("a", 2, 2), ("a", 50, 2), ("a", 2, 2)], dict(max_batch_size=8, max_batch_tokens=110), [2, 1]),
-    ],
-)
-def test_pack_respects_every_limit(specs, limits, sizes):
-    """Packing keeps order and closes a batch at the row, token or adapter limit; an oversize item goes alone."""
-    batches = pack(items(*specs), **limits)
-    assert [len(b) for b in batches] == sizes
-    assert [i.index for b in batches for i in b] == list(range(len(specs)))
-
-
-def test_sort_by_length_orders_by_prompt_then_new_tokens():
-    """Rows of similar length end up side by side, so batches pad little."""
-    ordered = sort_by_length(items(("a", 9, 1), ("b", 2, 7), ("a", 2, 3), ("c", 5, 1)))
-    assert [(i.prompt_len, i.max_new_tokens) for i in ordered] == [(2, 3), (2, 7), (5, 1), (9, 1)]
-
-
-LIMITS = dict(max_batch_size=4, max_batch_tokens=10_000, max_adapters=8)
-
-
-def summary(plan):
-    return [(b.weights, tuple(b.adapters), len(b.items)) for b in plan]
-
-
-@pytest.mark.parametrize(
-    "adapters, weights, min_merged_rows, expected",
-    [
-        # merged: one adapter per batch, an adapter's batches back to back
-        ("aaaaabb", "merged", None, [("merged", ("a",), 4), ("merged", ("a",), 1), ("merged", ("b",), 2)]),
-        # separate: adapters mixed freely
-        ("aaaaabb", "separate", None, [("separate", ("a",), 4), ("separate", ("a", "b"), 3)]),
-        # auto: full batches merged; small leftovers of several adapters pooled into a mixed batch
-        ("aaaaabbc", "auto", 2, [("merged", ("a",), 4), ("merged", ("b",), 2), ("separate", ("a", "c"), 2)]),
-        # auto: a pooled batch that holds one adapter only runs merged
-        ("aaaaa", "auto", 2, [("merged", ("a",), 4), ("merged", ("a",), 1)]),
-        # auto: a partial batch at the threshold runs merged alone
-        ("aaaaaaabbbbbbb", "auto", 3, [("merged", ("a",), 4), ("merged", ("a",), 3), ("merged", ("b",), 4), ("merged", ("b",), 3)]),
-        ("aaaaaaabbbbbbb", "auto", 4, [("merged", ("a",), 4), ("merged", ("b",), 4), ("separate", ("a", "b"), 4), ("merged", ("b",), 2)]),
-    ],
-)
-def test_plan_batches_weights_modes(adapters, weights, min_merged_rows, expected):
-    """Each weights mode groups rows as documented, and every row is planned exactly once."""
-    pool = [Item(i, a, 10, 5) for i, a in enumerate(adapters)]
-    plan = plan_batches(pool, weights=weights, min_merged_rows=min_merged_rows, **LIMITS)
-    assert summary(plan) == expected
-    assert sorted(i.index for b in plan for i in b.items) == list(range(len(pool)))
-
-
-def test_separate_plan_caps_distinct_adapters():
-    """A mixed batch never needs more adapters resident than the LRU holds."""
-    pool = [Item(i, f"ad{i % 5}", 10, 5) for i in range(20)]
-    plan = plan_batches(pool, weights="separate", max_batch_size=32, max_batch_tokens=10_000, max_adapters=3)
-    assert all(len(b.adapters) <= 3 for b in plan)
+def test_plan_admission(case, expected):
+    """Each weights mode admits the rows and keeps or switches the merged adapter as documented."""
+    assert admit(**case) == expected
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,11 @@ def engine(demo_root: Path) -> Engine:
 @pytest.fixture(scope="module")
 def reference(demo_root: Path):
     """Plain PEFT, one prompt at a time: what a user writes by hand."""
+    return peft_one_at_a_time(demo_root)
+
+
+def peft_one_at_a_time(demo_root: Path):
+    """generate(adapter, prompt ids, max_new_tokens) -> greedy token ids through plain PEFT, one prompt alone."""
     from peft import PeftModel
 
     model, tokenizer = load(demo_root)

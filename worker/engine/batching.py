@@ -1,126 +1,113 @@
-"""Planning batches from a pool of requests: pure functions over (adapter, prompt length, max_new_tokens).
+"""Admission into the running batch: a pure decision over counts of waiting and running rows per adapter.
 
-A batch costs rows x (longest prompt + largest max_new_tokens) tokens of KV cache and compute, so rows
-are sorted by prompt length before packing: neighbours then pad little. How each batch applies its
-adapters ("merged" or "separate") is decided here too; see ``plan_batches`` for the auto rule.
+``plan_admission`` answers "how many requests of each adapter join the batch now, and are the batch's
+adapter weights merged into the base weights or kept apart afterwards?". It sees adapter names and counts
+only; the stepper (stepper.py) applies the decision. Why each rule holds, with measurements: the README's
+engine section.
 
-This module knows nothing about models, tokenizers, PEFT or requests beyond those three numbers.
+This module knows nothing about models, tokenizers, PEFT, prompts or requests beyond those counts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Literal
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Mapping
 
-Weights = Literal["merged", "separate"]
+BASE = "base"
+"""The adapter name of rows that run the base model alone (settings.BASE_ADAPTER)."""
+
+Weights = Literal["auto", "merged", "separate"]
+
+ADMIT_FRACTION = 0.125
+"""While rows are running, admit only once this share of max_batch_size is free (or everything admissible
+fits): one prefill forward per freed row would pay its per-forward overhead and one cache join per row."""
 
 AUTO_MERGED_FILL = 0.75
-"""Auto mode: an adapter's partial batch runs merged on its own when it has at least this share of
-max_batch_size rows; smaller leftovers of several adapters are pooled into mixed separate batches.
-Measured with bench/engine_bench.py --measure-auto; the numbers are in the engine module's docstring."""
+"""Auto mode, idle batch: merge one adapter when it has at least this share of max_batch_size rows waiting
+(or is the only one waiting); otherwise mix adapters, weights apart."""
 
 
 @dataclass(frozen=True)
-class Item:
-    """One request as the planner sees it."""
+class Admission:
+    """How many rows of each adapter to admit now, and the weights the batch runs with afterwards."""
 
-    index: int
-    adapter: str
-    prompt_len: int
-    max_new_tokens: int
-
-
-@dataclass(frozen=True)
-class Batch:
-    items: tuple[Item, ...]
-    weights: Weights
-
-    @property
-    def adapters(self) -> list[str]:
-        return sorted({item.adapter for item in self.items})
+    counts: dict[str, int] = field(default_factory=dict)
+    merged: str | None = None
+    """The adapter merged into the base weights for the batch's forwards; None: adapters kept apart."""
 
 
-def batch_cost(items: Iterable[Item]) -> int:
-    """Tokens a batch holds at its peak: rows x (longest prompt + largest max_new_tokens)."""
-    items = list(items)
-    if not items:
-        return 0
-    return len(items) * (max(i.prompt_len for i in items) + max(i.max_new_tokens for i in items))
-
-
-def sort_by_length(items: Iterable[Item]) -> list[Item]:
-    return sorted(items, key=lambda i: (i.prompt_len, i.max_new_tokens, i.index))
-
-
-def group_by_adapter(items: Iterable[Item]) -> dict[str, list[Item]]:
-    """Items per adapter, adapters in order of first appearance."""
-    groups: dict[str, list[Item]] = {}
-    for item in items:
-        groups.setdefault(item.adapter, []).append(item)
-    return groups
-
-
-def pack(
-    items: list[Item], *, max_batch_size: int, max_batch_tokens: int, max_adapters: int | None = None
-) -> list[list[Item]]:
-    """Cut items (in the given order) into consecutive batches within the limits.
-
-    A single item over the token budget still gets a batch of its own: the budget is a packing target, and
-    an item that truly cannot fit in memory fails on its own later (out-of-memory split).
-    """
-    batches: list[list[Item]] = []
-    current: list[Item] = []
-    for item in items:
-        candidate = current + [item]
-        over = (
-            len(candidate) > max_batch_size
-            or batch_cost(candidate) > max_batch_tokens
-            or (max_adapters is not None and len({i.adapter for i in candidate}) > max_adapters)
-        )
-        if current and over:
-            batches.append(current)
-            candidate = [item]
-        current = candidate
-    if current:
-        batches.append(current)
-    return batches
-
-
-def plan_batches(
-    items: Iterable[Item],
+def plan_admission(
+    waiting: Mapping[str, int],
     *,
-    weights: Literal["auto", "merged", "separate"],
+    running: Mapping[str, int],
+    merged: str | None,
+    weights: Weights,
     max_batch_size: int,
-    max_batch_tokens: int,
     max_adapters: int,
     min_merged_rows: int | None = None,
-) -> list[Batch]:
-    """The batches to run, in order.
+    admit_fraction: float = ADMIT_FRACTION,
+) -> Admission:
+    """The admission for ``waiting`` (rows per adapter, in the caller's priority order) into a batch running
+    ``running`` (rows per adapter) with ``merged`` merged (None: apart).
 
-    merged: one adapter per batch, merged into the base weights; an adapter's batches run back to back.
-    separate: all rows sorted by length regardless of adapter, at most ``max_adapters`` adapters per batch.
-    auto: per adapter, every full batch runs merged, and so does a partial one of at least
-    ``min_merged_rows`` rows; the smaller leftovers of all adapters are pooled, sorted by length and
-    packed into mixed separate batches (a pooled batch that happens to hold one adapter runs merged).
+    separate: any adapter joins, at most ``max_adapters`` distinct adapters in the batch.
+    merged: an idle batch takes the adapter with most waiting rows; then only that adapter's rows join, until
+    the batch drains. Base rows form a group of their own and run with nothing merged.
+    auto: an idle batch merges an adapter that fills ``min_merged_rows`` (or is the only one waiting), else runs
+    apart; a merged batch stays merged while its adapter's waiting rows fill the free slots (or nothing else
+    waits) and otherwise switches to weights apart (exact: only float rounding differs) and admits any adapter.
     """
-    items = list(items)
-    limits = {"max_batch_size": max_batch_size, "max_batch_tokens": max_batch_tokens}
-    if weights == "separate":
-        return [Batch(tuple(b), "separate") for b in pack(sort_by_length(items), max_adapters=max_adapters, **limits)]
-    grouped = [pack(sort_by_length(g), **limits) for g in group_by_adapter(items).values()]
-    if weights == "merged":
-        return [Batch(tuple(b), "merged") for batches in grouped for b in batches]
+    waiting = {name: n for name, n in waiting.items() if n > 0}
+    busy = sum(running.values())
+    free = max_batch_size - busy
+    if not waiting or free <= 0:
+        return Admission({}, merged)
     if min_merged_rows is None:
         min_merged_rows = max(1, round(max_batch_size * AUTO_MERGED_FILL))
-    plan: list[Batch] = []
-    leftovers: list[Item] = []
-    for batches in grouped:
-        *full, last = batches
-        plan.extend(Batch(tuple(b), "merged") for b in full)
-        if len(last) >= min_merged_rows:
-            plan.append(Batch(tuple(last), "merged"))
-        else:
-            leftovers.extend(last)
-    for b in pack(sort_by_length(leftovers), max_adapters=max_adapters, **limits):
-        plan.append(Batch(tuple(b), "merged" if len({i.adapter for i in b}) == 1 else "separate"))
-    return plan
+    if busy == 0:
+        biggest = max(waiting, key=lambda name: waiting[name])  # the first of equals: the caller's order
+        one_group = {biggest: min(free, waiting[biggest])}
+        as_merged = None if biggest == BASE else biggest
+        if weights == "merged":
+            return Admission(one_group, as_merged)
+        if weights == "auto" and as_merged and (waiting[biggest] >= min_merged_rows or len(waiting) == 1):
+            return Admission(one_group, as_merged)
+        return Admission(_take_any(waiting, free, running, max_adapters), None)
+    group = next(iter(running)) if len(running) == 1 else None
+    if weights == "merged" or (weights == "auto" and merged is not None and _stays_merged(waiting, merged, free)):
+        # Only the batch's own group joins (merged mode keeps one group per batch by construction).
+        own = merged or group
+        admissible = waiting.get(own, 0) if own is not None else 0
+        counts = {own: min(free, admissible)} if admissible else {}
+        after = merged
+    else:
+        counts = _take_any(waiting, free, running, max_adapters)
+        admissible = sum(_take_any(waiting, sum(waiting.values()), running, max_adapters).values())
+        after = None
+    # Few free slots and more admissible rows waiting than fit: wait for more slots, change nothing.
+    taken = sum(counts.values())
+    if taken == 0 or (taken < max(1, math.ceil(max_batch_size * admit_fraction)) and taken < admissible):
+        return Admission({}, merged)
+    return Admission(counts, after)
+
+
+def _stays_merged(waiting: Mapping[str, int], merged: str, free: int) -> bool:
+    own = waiting.get(merged, 0)
+    return own >= free or set(waiting) == {merged}
+
+
+def _take_any(waiting: Mapping[str, int], free: int, running: Mapping[str, int], max_adapters: int) -> dict[str, int]:
+    """Rows in the caller's order, while the batch holds at most ``max_adapters`` distinct adapters (base aside)."""
+    adapters = {name for name in running if name != BASE}
+    counts: dict[str, int] = {}
+    for name, n in waiting.items():
+        if free <= 0:
+            break
+        if name != BASE and name not in adapters:
+            if len(adapters) >= max_adapters:
+                continue
+            adapters.add(name)
+        counts[name] = min(n, free)
+        free -= counts[name]
+    return counts

@@ -50,8 +50,14 @@ class GenerationResult:
     output: str | None
     """Decoded without special tokens, cut before a matched stop string; None when ``error`` is set."""
     finish_reason: str | None
-    """'stop' (eos or stop string) or 'length'; None when ``error`` is set."""
+    """'stop' (eos or stop string), 'length', 'cancelled', or 'preempted' (out of memory beside other rows:
+    output None, to be queued again); None when ``error`` is set."""
     prompt_tokens: int
     completion_tokens: int
     """Generated tokens, the eos or the token completing a stop string included."""
     error: str | None = None
+
+    @classmethod
+    def failed(cls, request: GenerationRequest, error: str, *, prompt_tokens: int = 0) -> GenerationResult:
+        """The result of a request that did not run (or could not finish): ``error`` says why."""
+        return cls(request.key, None, None, prompt_tokens=prompt_tokens, completion_tokens=0, error=error)
