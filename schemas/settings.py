@@ -172,7 +172,26 @@ def load_settings(config: str | Path | None = None, *, environ: dict[str, str] |
 
 
 def hide_password(url: str | None) -> str:
-    """A URL fit for printing: the password replaced by '***'."""
+    """A URL fit for printing: the password replaced by '***' (also any URL inside a message).
+
+    Passwords often hold an unescaped '@' or ':'. The userinfo therefore ends at the LAST '@' before the
+    query, and everything after the user name's ':' is hidden. (SQLAlchemy's make_url(...).render_as_string
+    (hide_password=True) ends it at the first '@' and prints the rest of such a password; kombu's
+    maybe_sanitize_url fails on a '/' in it. Measured with SQLAlchemy 2.1.9, kombu 5.7.0.) A
+    `password=` query parameter is hidden too.
+    """
     if not url:
         return "(embedded)"
-    return re.sub(r"(://[^:/@]*:)([^@]*)@", r"\1***@", url)
+    return "".join(_hide_in_token(token) for token in re.split(r"(\s+)", url))
+
+
+def _hide_in_token(token: str) -> str:
+    scheme, sep, rest = token.partition("://")
+    if not sep:
+        return token
+    head, q, query = rest.partition("?")
+    userinfo, at, host = head.rpartition("@")
+    if at and ":" in userinfo:
+        head = f"{userinfo.partition(':')[0]}:***@{host}"
+    query = re.sub(r"((?:^|&)password=)[^&]*", r"\1***", query, flags=re.I)
+    return f"{scheme}://{head}{q}{query}"
