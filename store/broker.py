@@ -22,14 +22,15 @@ from lorabatch.schemas.errors import ServiceUnavailable
 from lorabatch.schemas.settings import Settings, hide_password
 
 QUEUE = "lorabatch"
+"""Prefix of the queues: each deployment has its own, `lorabatch.<deployment id>` (store.deployment)."""
 RUN_TASK = "lorabatch.run"
 EPOCH_KEY = "lorabatch:epoch"
-"""Set in Redis alongside the queue. When it is missing, Redis lost its data: reconcile from SQL."""
+"""Holds the run_id of the Redis server that lorabatch's reconcile last refilled from SQL. Written only
+by reconcile, never by a producer: when it is missing or names another run_id, Redis restarted (or was
+flushed) since, and may have lost messages: reconcile refills every queued request from SQL."""
 CHUNK_SIZE = 16
-"""Requests per queue message for small jobs: small, so a worker's held messages spread over many
-jobs and adapters. Large jobs use larger messages (see chunk_size_for): publishing costs about a
-millisecond per message, and their requests fill batches on their own."""
-MAX_CHUNK_SIZE = 256
+"""Requests per queue message. Small, so a worker holds little beyond what it runs (a message is
+acknowledged once all its requests are admitted) and several workers share even a small job."""
 EMBEDDED_START_SECONDS = 10.0
 
 
@@ -72,22 +73,22 @@ def celery_priority(priority: int) -> int:
     return 9 - priority
 
 
-def chunk_size_for(total: int) -> int:
-    """Requests per message for a job of `total` requests: 16 up to 16k requests, then growing to 256."""
-    return max(CHUNK_SIZE, min(MAX_CHUNK_SIZE, total // 1000))
-
-
 def chunked(idxs: list[int], size: int = CHUNK_SIZE) -> list[list[int]]:
     return [idxs[i : i + size] for i in range(0, len(idxs), size)]
 
 
-def enqueue(app: Celery, job_id: str, adapter: str, idxs: list[int], *, priority: int,
-            chunk_size: int = CHUNK_SIZE) -> int:
+def queue_name(deployment: str | None) -> str:
+    return f"{QUEUE}.{deployment}" if deployment else QUEUE
+
+
+def enqueue(app: Celery, job_id: str, adapter: str, idxs: list[int], *, priority: int, deployment: str | None,
+            suspect: int = 0, chunk_size: int = CHUNK_SIZE) -> int:
     """Send references to `idxs` of one job and adapter, `chunk_size` per message. Returns messages sent."""
     chunks = chunked(idxs, chunk_size)
+    queue = queue_name(deployment)
     with app.producer_or_acquire() as producer:
         for chunk in chunks:
-            app.send_task(RUN_TASK, args=[job_id, adapter, chunk], queue=QUEUE,
+            app.send_task(RUN_TASK, args=[job_id, adapter, chunk, suspect], queue=queue,
                           priority=celery_priority(priority), producer=producer)
     return len(chunks)
 
@@ -162,19 +163,22 @@ def ensure_embedded_redis(state_dir: Path) -> str:
 
 
 def stop_embedded_redis(state_dir: Path) -> bool:
-    """Stop the embedded Redis of `state_dir`, if it runs. Returns whether it did."""
-    pidfile = state_dir / "redis.pid"
-    if not pidfile.exists():
+    """Stop the embedded Redis of `state_dir`, if it runs: asked over its own socket (never by a pid
+    from a file, which may name another process by now). Returns whether it did."""
+    import redis
+
+    sock = state_dir / "redis.sock"
+    if not _answers(sock):
         return False
+    pid = redis.Redis(unix_socket_path=str(sock), socket_timeout=1).info("server").get("process_id")
     try:
-        pid = int(pidfile.read_text().strip())
-        os.kill(pid, 15)
-    except (ValueError, ProcessLookupError):
-        return False
+        redis.Redis(unix_socket_path=str(sock), socket_timeout=5).shutdown()
+    except redis.ConnectionError:
+        pass  # the server closes the connection as it exits
     deadline = time.monotonic() + EMBEDDED_START_SECONDS
-    while time.monotonic() < deadline:  # wait until it has let go of its files
+    while pid and time.monotonic() < deadline:  # wait until it has let go of its files
         try:
-            os.kill(pid, 0)
+            os.kill(int(pid), 0)
         except ProcessLookupError:
             return True
         time.sleep(0.05)
@@ -192,11 +196,18 @@ def _answers(sock: Path) -> bool:
         return False
 
 
-def mark_epoch(app: Celery) -> None:
-    """Record that this Redis holds lorabatch's queue (see EPOCH_KEY)."""
-    redis_client(app).set(EPOCH_KEY, str(time.time()), nx=True)
+def server_run_id(app: Celery) -> str:
+    """The Redis server's run_id: a new one at every start."""
+    return str(redis_client(app).info("server")["run_id"])
 
 
-def epoch_missing(app: Celery) -> bool:
-    """True when Redis has lost its data since lorabatch last wrote to it."""
-    return not redis_client(app).exists(EPOCH_KEY)
+def redis_was_reset(app: Celery) -> str | None:
+    """None when Redis still holds what reconcile last refilled; else the current run_id, to pass to
+    `mark_refilled` once the refill from SQL is done."""
+    run_id = server_run_id(app)
+    marker = redis_client(app).get(EPOCH_KEY)
+    return None if marker is not None and marker.decode() == run_id else run_id
+
+
+def mark_refilled(app: Celery, run_id: str) -> None:
+    redis_client(app).set(EPOCH_KEY, run_id)

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from lorabatch.schemas.settings import Settings
 from lorabatch.store import broker, db
+from lorabatch.store.deployment import Deployment, deployment_of
 
 
 class Context:
@@ -25,6 +26,11 @@ class Context:
     @cached_property
     def sessions(self) -> sessionmaker[Session]:
         return db.make_sessionmaker(self.engine)
+
+    @cached_property
+    def deployment(self) -> Deployment:
+        """The deployment these settings describe: jobs submitted here are tied to it."""
+        return deployment_of(self.settings)
 
     @cached_property
     def celery(self) -> Celery:

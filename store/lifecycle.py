@@ -1,42 +1,69 @@
 """Job and request state transitions. Nothing else changes a state column.
 
 Every function takes the session explicitly and runs inside the caller's transaction, so a
-transition and the job counters it moves commit together or not at all.
+transition, the job counters it moves and the messages it owes (the outbox) commit together or
+not at all.
 
-Exactly-once results rest on two rules:
-- a request is claimed by one worker at a time: only a queued request, or a running one whose
-  worker has stopped sending heartbeats, can be claimed;
-- a result is recorded only by the worker that holds the claim. A worker that lost its claim
-  (it was presumed dead, another took over) has its late result dropped.
+Exactly-once results rest on three rules:
+- a request is claimed by one worker at a time, at the moment its engine admits it into a running
+  batch: only a queued request of an open job of the worker's own deployment can be claimed;
+- a result is recorded only by the worker that holds the claim; a worker that lost its claim (it
+  was presumed dead and the request was put back) has its late result dropped;
+- a request put back in the queue (handed back, or found under a dead worker) owes a message: the
+  outbox row is written in the same transaction (see schemas.tables.Outbox).
+
+One lock order everywhere: job rows first, in id order, then their requests in (job_id, idx) order.
+On PostgreSQL two transactions that follow it cannot deadlock; SQLite takes one write lock anyway.
+Leases compare times read from the database's clock, never two machines' clocks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, literal, or_, select, update
+from sqlalchemy import delete, func, select, text, tuple_, update
 from sqlalchemy.orm import Session
 
 from lorabatch.schemas.errors import NotFound, UsageError
 from lorabatch.schemas.states import JobState, RequestState
-from lorabatch.schemas.tables import Job, Request, Worker, utcnow
+from lorabatch.schemas.tables import Job, Outbox, Request, Worker, utcnow
 
-Q, R, S, F, C = (RequestState.QUEUED, RequestState.RUNNING, RequestState.SUCCEEDED, RequestState.FAILED, RequestState.CANCELLED)
+Q, R, S, F, C = (RequestState.QUEUED, RequestState.RUNNING, RequestState.SUCCEEDED, RequestState.FAILED,
+                 RequestState.CANCELLED)
+OPEN = (JobState.QUEUED.value, JobState.RUNNING.value)
+SUSPECT_GROUP, SUSPECT_ALONE = 1, 2
 
 
 @dataclass(frozen=True)
 class Outcome:
     """What a worker reports for one request it ran."""
 
+    job_id: str
     idx: int
     output: str | None
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    cancelled: bool = False
+    """Stopped because its job was cancelled; `output` holds what was generated so far."""
+    base_model: str | None = None
+    adapter_sha256: str | None = None
+
+
+# ---------------------------------------------------------------- time
+
+
+def db_now(session: Session) -> datetime:
+    """The database's clock, as naive UTC (leases and heartbeats are compared on it alone)."""
+    if session.get_bind().dialect.name == "sqlite":
+        value = session.execute(text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")).scalar_one()
+        return datetime.fromisoformat(value)
+    return session.execute(text("SELECT now() AT TIME ZONE 'utc'")).scalar_one()
 
 
 # ---------------------------------------------------------------- jobs
@@ -50,12 +77,16 @@ def get_job(session: Session, job_id: str) -> Job:
 
 
 def create_job(session: Session, *, job_id: str, total: int, name: str | None = None, priority: int = 5,
-               idempotency_key: str | None = None, source: str | None = None, schedule: str | None = None) -> Job:
-    """A new job whose `total` requests are all queued (insert them with `add_requests`)."""
+               idempotency_key: str | None = None, source: str | None = None, schedule: str | None = None,
+               deployment: str | None = None, content_hash: str | None = None) -> Job:
+    """A new job whose `total` requests are all queued (insert them with `add_requests`), and the
+    outbox row that owes their messages (published after the commit by whoever created the job)."""
     job = Job(id=job_id, name=name, priority=priority, idempotency_key=idempotency_key, source=source,
-              schedule=schedule, state=JobState.QUEUED.value, total=total, n_queued=total)
+              schedule=schedule, deployment=deployment, content_hash=content_hash, state=JobState.QUEUED.value,
+              total=total, n_queued=total)
     session.add(job)
     session.flush()
+    owe_messages(session, job_id, None)
     return job
 
 
@@ -66,99 +97,129 @@ def add_requests(session: Session, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def cancel_job(session: Session, job_id: str) -> Job:
-    """Cancel what has not started; running requests finish and keep their results. Idempotent."""
-    job = _lock_job(session, job_id)
+    """Cancel everything not generating right now: queued requests, including those in messages a
+    worker holds (they are not claimed yet). Requests generating are stopped by their worker at its
+    next step (it polls for cancelled jobs) and recorded as cancelled. Idempotent."""
+    job = _lock_jobs(session, [job_id])[job_id]
     if JobState(job.state).is_final:
         return job
-    n = session.execute(
-        update(Request).where(Request.job_id == job_id, Request.state == Q.value)
-        .values(state=C.value, finished_at=utcnow(), error="cancelled before it ran")
-    ).rowcount
-    job.n_queued -= n
-    job.n_cancelled += n
+    ids = session.execute(
+        select(Request.idx).where(Request.job_id == job_id, Request.state == Q.value)
+        .order_by(Request.idx).with_for_update()
+    ).scalars().all()
+    if ids:
+        session.execute(update(Request).where(Request.job_id == job_id, Request.state == Q.value)
+                        .values(state=C.value, finished_at=utcnow(), error="cancelled before it ran"))
+    job.n_queued -= len(ids)
+    job.n_cancelled += len(ids)
     job.state = JobState.CANCELLING.value
     _settle(job)
     return job
 
 
+def retry_failed(session: Session, job_id: str) -> int:
+    """A completed job's failed requests go back to the queue as a new attempt (their results and
+    attempt counts cleared; succeeded and cancelled ones stay), the job reopens, and their messages
+    are owed. Returns how many. A job still open or cancelled is refused."""
+    job = _lock_jobs(session, [job_id])[job_id]
+    if job.state != JobState.COMPLETED.value:
+        hint = " (wait for it to end: lorabatch status JOB --watch)" if not JobState(job.state).is_final else ""
+        raise UsageError(f"job {job.id} is {job.state}; only a completed job's failed requests can be retried{hint}.")
+    idxs = session.execute(select(Request.idx).where(Request.job_id == job_id, Request.state == F.value)
+                           .order_by(Request.idx).with_for_update()).scalars().all()
+    if not idxs:
+        return 0
+    session.execute(update(Request).where(Request.job_id == job_id, Request.state == F.value)
+                    .values(state=Q.value, output=None, error=None, finish_reason=None, prompt_tokens=None,
+                            completion_tokens=None, worker_id=None, claimed_at=None, finished_at=None, attempts=0))
+    job.n_failed -= len(idxs)
+    job.n_queued += len(idxs)
+    job.state, job.finished_at = JobState.RUNNING.value, None
+    owe_messages(session, job_id, None)
+    return len(idxs)
+
+
+def cancelling_jobs(session: Session, job_ids: Iterable[str]) -> set[str]:
+    """Which of these jobs are being (or were) cancelled: their running requests should stop."""
+    ids = list(set(job_ids))
+    if not ids:
+        return set()
+    states = (JobState.CANCELLING.value, JobState.CANCELLED.value)
+    return set(session.execute(select(Job.id).where(Job.id.in_(ids), Job.state.in_(states))).scalars())
+
+
 # ---------------------------------------------------------------- workers
 
 
-def heartbeat(session: Session, *, worker_id: str, hostname: str, pid: int, tokens_per_second: float | None = None) -> None:
+def heartbeat(session: Session, *, worker_id: str, hostname: str, pid: int, deployment: str | None = None,
+              running: int = 0, held: int = 0, tokens_per_second: float | None = None) -> None:
+    now = db_now(session)
     w = session.get(Worker, worker_id)
     if w is None:
-        session.add(Worker(id=worker_id, hostname=hostname, pid=pid, tokens_per_second=tokens_per_second))
-    else:
-        w.heartbeat_at = utcnow()
-        if tokens_per_second is not None:
-            w.tokens_per_second = tokens_per_second
+        w = Worker(id=worker_id, hostname=hostname, pid=pid, started_at=now)
+        session.add(w)
+    w.heartbeat_at, w.deployment, w.running, w.held = now, deployment, running, held
+    if tokens_per_second is not None:
+        w.tokens_per_second = tokens_per_second
+
+
+def live_workers(session: Session, *, lease: timedelta, deployment: str | None = None) -> list[Worker]:
+    """Workers whose last heartbeat (on the database's clock) is within `lease`."""
+    stmt = select(Worker).where(Worker.heartbeat_at >= db_now(session) - lease)
+    if deployment is not None:
+        stmt = stmt.where(Worker.deployment == deployment)
+    return list(session.execute(stmt.order_by(Worker.started_at)).scalars())
 
 
 def forget_dead_workers(session: Session, *, host: str, alive: Callable[[int], bool]) -> list[str]:
-    """Forget workers registered from `host` (see runner.host_label) whose process is gone, so their
-    requests count as orphaned at once rather than when their lease runs out. Returns their ids."""
+    """Forget workers registered from `host` (see worker.upkeep.host_label) whose process is gone, so
+    their requests count as orphaned at once rather than when their lease runs out. Returns their ids."""
     dead = [w for w in session.execute(select(Worker).where(Worker.hostname == host)).scalars() if not alive(w.pid)]
     for w in dead:
         session.delete(w)
     return [w.id for w in dead]
 
 
-def forget_worker(session: Session, worker_id: str) -> None:
-    """A worker that stops cleanly hands back what it still holds and leaves."""
-    rows = session.execute(
-        select(Request).where(Request.worker_id == worker_id, Request.state == R.value).with_for_update()
-    ).scalars().all()
-    _requeue(session, rows)
+def forget_worker(session: Session, worker_id: str) -> int:
+    """A worker that stops cleanly hands back what it still runs (with the messages owed) and leaves."""
+    keys = session.execute(
+        select(Request.job_id, Request.idx).where(Request.worker_id == worker_id, Request.state == R.value)
+    ).all()
+    n = release_requests(session, worker_id=worker_id, keys=[tuple(k) for k in keys])
     w = session.get(Worker, worker_id)
     if w is not None:
         session.delete(w)
+    return n
 
 
-def _live_workers(session: Session, lease: timedelta):
-    """Workers whose heartbeat is recent. A claim by one of them is respected, even by itself: a
-    duplicate message for requests this very worker is running must not run them a second time."""
-    return select(Worker.id).where(Worker.heartbeat_at >= utcnow() - lease)
-
-
-# ---------------------------------------------------------------- requests
+# ---------------------------------------------------------------- claims and results
 
 
 @dataclass
 class Claim:
-    """Requests a worker now holds, and those it failed for dying too often."""
+    """Requests a worker now holds, and those it failed for killing their workers too often."""
 
     requests: list[Request]
     gave_up: list[Request]
 
 
-def claim_requests(session: Session, *, job_id: str, idxs: Iterable[int], worker_id: str,
-                   lease: timedelta, max_attempts: int) -> Claim:
-    """Claim the given requests of one job for `worker_id`.
-
-    Claimable: queued, or running under a worker with no heartbeat within `lease` (it died).
-    A request that already started `max_attempts` times (see `mark_started`) ends as failed
-    instead: it keeps killing its worker. Requests in any other state are skipped: their
-    message was a duplicate.
-    """
-    idxs = list(idxs)
-    live = _live_workers(session, lease)
-    rows = session.execute(
-        select(Request)
-        .where(
-            Request.job_id == job_id,
-            Request.idx.in_(idxs),
-            or_(Request.state == Q.value,
-                and_(Request.state == R.value, or_(Request.worker_id.is_(None), Request.worker_id.not_in(live)))),
-        )
-        .with_for_update()
-    ).scalars().all()
-    if not rows:
+def claim_requests(session: Session, *, refs: Mapping[str, Iterable[int]], worker_id: str,
+                   deployment: str | None, max_attempts: int) -> Claim:
+    """Claim, for `worker_id`, those of the referenced requests ({job_id: idxs}) that are queued in an
+    open job of `deployment`; the engine admits them right after. Each claim counts an attempt. A
+    request that already started `max_attempts` times (its workers kept dying) ends as failed instead.
+    Anything else is skipped: a duplicate message, a cancelled request, another deployment's job."""
+    wanted = {job_id: sorted(set(idxs)) for job_id, idxs in refs.items() if idxs}
+    if not wanted:
         return Claim([], [])
-    job = _lock_job(session, job_id)
+    jobs = _lock_jobs(session, wanted, missing_ok=True)
+    open_jobs = [j for j in sorted(jobs) if jobs[j].state in OPEN and jobs[j].deployment == deployment]
+    rows = _locked_requests(session, {j: wanted[j] for j in open_jobs}, state=Q)
     now = utcnow()
     claimed, gave_up = [], []
     for row in rows:
-        was_queued = row.state == Q.value
+        job = jobs[row.job_id]
+        job.n_queued -= 1
         if row.attempts >= max_attempts:
             row.state, row.finished_at, row.worker_id = F.value, now, None
             row.error = (f"its worker died {row.attempts} times while running it (killed, e.g. out of memory); "
@@ -166,116 +227,194 @@ def claim_requests(session: Session, *, job_id: str, idxs: Iterable[int], worker
             job.n_failed += 1
             gave_up.append(row)
         else:
-            row.state, row.worker_id, row.claimed_at = R.value, worker_id, now
+            row.state, row.worker_id, row.claimed_at, row.attempts = R.value, worker_id, now, row.attempts + 1
             job.n_running += 1
             claimed.append(row)
-        if was_queued:
-            job.n_queued -= 1
-        else:
-            job.n_running -= 1
-    if claimed and job.state == JobState.QUEUED.value:
-        job.state, job.started_at = JobState.RUNNING.value, now
-    _settle(job)
+            if job.state == JobState.QUEUED.value:
+                job.state, job.started_at = JobState.RUNNING.value, now
+    for job in jobs.values():
+        _settle(job)
     return Claim(claimed, gave_up)
 
 
-def mark_started(session: Session, *, job_id: str, worker_id: str, idxs: Sequence[int]) -> None:
-    """Count an attempt for requests the engine is about to run. Counted here, not at claim time,
-    so requests that merely waited beside one that killed the worker are not charged for it."""
-    session.execute(
-        update(Request)
-        .where(Request.job_id == job_id, Request.idx.in_(list(idxs)), Request.worker_id == worker_id,
-               Request.state == R.value)
-        .values(attempts=Request.attempts + 1)
-    )
+NUL_ERROR = "the output contains a NUL character, which the database cannot store"
 
 
-def record_outcomes(session: Session, *, job_id: str, worker_id: str, outcomes: Sequence[Outcome]) -> int:
-    """Store results for requests this worker holds. Returns how many were recorded;
-    results for requests it no longer holds are dropped (another worker took them over)."""
-    by_idx = {o.idx: o for o in outcomes}
-    rows = session.execute(
-        select(Request)
-        .where(Request.job_id == job_id, Request.idx.in_(list(by_idx)),
-               Request.state == R.value, Request.worker_id == worker_id)
-        .with_for_update()
-    ).scalars().all()
-    if not rows:
+def record_outcomes(session: Session, *, worker_id: str, outcomes: Sequence[Outcome]) -> int:
+    """Store results for requests this worker holds. Returns how many were recorded; results for
+    requests it no longer holds are dropped (it was presumed dead and another worker took over)."""
+    by_key = {(o.job_id, o.idx): o for o in outcomes}
+    if not by_key:
         return 0
-    job = _lock_job(session, job_id)
+    wanted: dict[str, list[int]] = defaultdict(list)
+    for job_id, idx in by_key:
+        wanted[job_id].append(idx)
+    jobs = _lock_jobs(session, wanted, missing_ok=True)
+    rows = _locked_requests(session, {j: wanted[j] for j in sorted(jobs)}, state=R, worker_id=worker_id)
     now = utcnow()
     for row in rows:
-        o = by_idx[row.idx]
-        row.state = (F if o.error else S).value
-        row.output, row.finish_reason, row.error = o.output, o.finish_reason, o.error
-        row.prompt_tokens, row.completion_tokens = o.prompt_tokens, o.completion_tokens
-        row.finished_at = now
+        o, job = by_key[(row.job_id, row.idx)], jobs[row.job_id]
+        error, output = o.error, o.output
+        if output is not None and "\x00" in output and not error:
+            error, output = NUL_ERROR, None
+        state = C if o.cancelled else F if error else S
+        row.state, row.output, row.finish_reason, row.error = state.value, output, o.finish_reason, error
+        row.prompt_tokens, row.completion_tokens, row.finished_at = o.prompt_tokens, o.completion_tokens, now
+        row.base_model, row.adapter_sha256 = o.base_model, o.adapter_sha256
         job.n_running -= 1
-        if o.error:
-            job.n_failed += 1
-        else:
-            job.n_succeeded += 1
+        setattr(job, f"n_{state.value}", getattr(job, f"n_{state.value}") + 1)
         job.prompt_tokens += o.prompt_tokens or 0
         job.completion_tokens += o.completion_tokens or 0
-    _settle(job)
+    for job in jobs.values():
+        _settle(job)
     return len(rows)
 
 
-def release_requests(session: Session, *, job_id: str, worker_id: str, idxs: Iterable[int]) -> list[Request]:
-    """Hand requests this worker holds back to the queue (warm shutdown)."""
-    rows = session.execute(
-        select(Request)
-        .where(Request.job_id == job_id, Request.idx.in_(list(idxs)),
-               Request.state == R.value, Request.worker_id == worker_id)
-        .with_for_update()
-    ).scalars().all()
-    return _requeue(session, rows)
+def release_requests(session: Session, *, worker_id: str, keys: Iterable[tuple[str, int]],
+                     uncharge: bool = True) -> int:
+    """Hand requests this worker holds back to the queue, with the messages owed (warm shutdown, an
+    engine failure, preemption). `uncharge`: the attempt does not count (the request did no harm)."""
+    wanted: dict[str, list[int]] = defaultdict(list)
+    for job_id, idx in keys:
+        wanted[job_id].append(idx)
+    if not wanted:
+        return 0
+    jobs = _lock_jobs(session, wanted, missing_ok=True)
+    rows = _locked_requests(session, {j: wanted[j] for j in sorted(jobs)}, state=R, worker_id=worker_id)
+    if uncharge:
+        for row in rows:
+            row.attempts = max(0, row.attempts - 1)
+    return len(_requeue(session, jobs, rows, suspect=0))
 
 
-def orphaned_requests(session: Session, *, lease: timedelta, alive: str | None = None) -> list[Request]:
-    """Requests running under workers that stopped sending heartbeats: put back to queued and returned.
-    `alive` is the caller's own worker id: a worker never presumes itself dead, however late its heartbeat."""
-    live = _live_workers(session, lease)
+def orphaned_requests(session: Session, *, lease: timedelta, max_attempts: int, alive: str | None = None) -> int:
+    """Put back the requests running under workers that stopped sending heartbeats, with their
+    messages (marked as suspects: one of them may be what killed the worker). `alive` is the caller's
+    own worker id: a worker never presumes itself dead, however late its heartbeat. Returns how many."""
+    live = select(Worker.id).where(Worker.heartbeat_at >= db_now(session) - lease)
+    orphan = (Request.state == R.value) & (Request.worker_id.is_(None) | Request.worker_id.not_in(live))
     if alive:
-        live = live.union(select(literal(alive)))
-    rows = session.execute(
-        select(Request)
-        .where(Request.state == R.value, or_(Request.worker_id.is_(None), Request.worker_id.not_in(live)))
-        .with_for_update()
-    ).scalars().all()
-    return _requeue(session, rows)
+        orphan &= Request.worker_id.is_distinct_from(alive)
+    keys = session.execute(select(Request.job_id, Request.idx).where(orphan)).all()
+    if not keys:
+        return 0
+    wanted: dict[str, list[int]] = defaultdict(list)
+    for job_id, idx in keys:
+        wanted[job_id].append(idx)
+    jobs = _lock_jobs(session, wanted, missing_ok=True)
+    rows = [r for r in _locked_requests(session, {j: wanted[j] for j in sorted(jobs)}, state=R)
+            if r.worker_id is None or r.worker_id != alive]
+    last_try = [r for r in rows if r.attempts >= max_attempts - 1]
+    group = [r for r in rows if r.attempts < max_attempts - 1]
+    return len(_requeue(session, jobs, group, suspect=SUSPECT_GROUP)) + len(
+        _requeue(session, jobs, last_try, suspect=SUSPECT_ALONE))
 
 
-def queued_requests(session: Session) -> list[tuple[str, int, str, int]]:
-    """(job_id, idx, adapter, job priority) of every queued request of a job still open."""
-    stmt = (
-        select(Request.job_id, Request.idx, Request.adapter, Job.priority)
-        .join(Job, Job.id == Request.job_id)
-        .where(Request.state == Q.value, Job.state.in_([JobState.QUEUED.value, JobState.RUNNING.value]))
-        .order_by(Request.job_id, Request.idx)
-    )
-    return [tuple(r) for r in session.execute(stmt)]
+# ---------------------------------------------------------------- the outbox
 
 
-def _requeue(session: Session, rows: Sequence[Request]) -> list[Request]:
-    jobs: dict[str, Job] = {}
+def owe_messages(session: Session, job_id: str, idxs: list[int] | None, *, suspect: int = 0) -> None:
+    """Record that these queued requests (None: all of the job's) need a message."""
+    now = db_now(session)
+    parts = [[idx] for idx in idxs] if suspect == SUSPECT_ALONE and idxs else [idxs]  # alone: one message each
+    for part in parts:
+        row = Outbox(job_id=job_id, idxs=part, suspect=suspect, created_at=now)
+        session.add(row)
+        session.info.setdefault("owed", []).append(row)
+
+
+def owed_ids(session: Session) -> list[int]:
+    """Ids of the outbox rows this transaction wrote: the caller publishes them after the commit
+    (reconcile.publish_owed); if it dies first, reconcile publishes them."""
+    rows = session.info.pop("owed", [])
+    session.flush()
+    return [r.id for r in rows]
+
+
+def owed_messages(session: Session, *, older_than: timedelta | None = None, ids: Iterable[int] | None = None,
+                  limit: int = 1000) -> list[Outbox]:
+    """Outbox rows to publish: those given, or those older than `older_than` (left by a process that
+    died between its commit and its publish). Locked, skipping rows another publisher holds."""
+    stmt = select(Outbox).order_by(Outbox.id).limit(limit)
+    if ids is not None:
+        stmt = stmt.where(Outbox.id.in_(list(ids)))
+    if older_than is not None:
+        stmt = stmt.where(Outbox.created_at <= db_now(session) - older_than)
+    return list(session.execute(stmt.with_for_update(skip_locked=True)).scalars())
+
+
+def settle_messages(session: Session, ids: Iterable[int]) -> None:
+    """The outbox rows' messages are in Redis: delete the rows."""
+    ids = list(ids)
+    if ids:
+        session.execute(delete(Outbox).where(Outbox.id.in_(ids)))
+
+
+def owe_all_queued(session: Session) -> int:
+    """Redis lost its data: every open job with queued requests owes messages for all of them."""
+    job_ids = session.execute(select(Job.id).where(Job.state.in_(OPEN), Job.n_queued > 0).order_by(Job.id)).scalars().all()
+    for job_id in job_ids:
+        owe_messages(session, job_id, None)
+    return len(job_ids)
+
+
+def queued_refs(session: Session, job_id: str, idxs: list[int] | None) -> list[tuple[str, int]]:
+    """(adapter, idx) of those requests that are still queued, in (adapter, idx) order."""
+    stmt = select(Request.adapter, Request.idx).where(Request.job_id == job_id, Request.state == Q.value)
+    if idxs is not None:
+        stmt = stmt.where(Request.idx.in_(idxs))
+    return [tuple(r) for r in session.execute(stmt.order_by(Request.adapter, Request.idx))]
+
+
+def count_rows(session: Session, job_id: str) -> dict[str, int]:
+    """Requests per state counted from the rows (the invariant check compares it with the counters)."""
+    rows = session.execute(select(Request.state, func.count()).where(Request.job_id == job_id).group_by(Request.state))
+    return {state: n for state, n in rows}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _requeue(session: Session, jobs: dict[str, Job], rows: Sequence[Request], *, suspect: int) -> list[Request]:
+    by_job: dict[str, list[int]] = defaultdict(list)
     for row in rows:
-        job = jobs.get(row.job_id) or jobs.setdefault(row.job_id, _lock_job(session, row.job_id))
+        job = jobs[row.job_id]
         row.state, row.worker_id, row.claimed_at = Q.value, None, None
         job.n_running -= 1
         job.n_queued += 1
-    for job in jobs.values():
-        if job.state == JobState.CANCELLING.value:
-            # Nothing of a cancelling job may start again: what was handed back is cancelled now.
-            cancel_job(session, job.id)
+        by_job[row.job_id].append(row.idx)
+    for job_id, idxs in by_job.items():
+        if jobs[job_id].state == JobState.CANCELLING.value:
+            cancel_job(session, job_id)  # nothing of a cancelling job may start again
+        else:
+            owe_messages(session, job_id, idxs, suspect=suspect)
     return [r for r in rows if r.state == Q.value]
 
 
-def _lock_job(session: Session, job_id: str) -> Job:
-    job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
-    if job is None:
-        raise NotFound(f"no job with id {job_id!r}; list jobs with `lorabatch jobs`.")
-    return job
+def _lock_jobs(session: Session, job_ids: Iterable[str], *, missing_ok: bool = False) -> dict[str, Job]:
+    """Lock job rows in id order (the first half of the lock order)."""
+    ids = sorted(set(job_ids))
+    jobs = {j.id: j for j in session.execute(select(Job).where(Job.id.in_(ids)).order_by(Job.id).with_for_update()).scalars()}
+    if not missing_ok and len(jobs) < len(ids):
+        missing = next(i for i in ids if i not in jobs)
+        raise NotFound(f"no job with id {missing!r}; list jobs with `lorabatch jobs`.")
+    return jobs
+
+
+def _locked_requests(session: Session, wanted: Mapping[str, list[int]], *, state: RequestState,
+                     worker_id: str | None = None) -> list[Request]:
+    """Lock the wanted requests that are in `state` (and held by `worker_id`), in (job_id, idx) order."""
+    keys = [(job_id, idx) for job_id in sorted(wanted) for idx in wanted[job_id]]
+    if not keys:
+        return []
+    rows: list[Request] = []
+    for start in range(0, len(keys), 500):  # bounded IN lists
+        part = keys[start : start + 500]
+        stmt = select(Request).where(tuple_(Request.job_id, Request.idx).in_(part), Request.state == state.value)
+        if worker_id is not None:
+            stmt = stmt.where(Request.worker_id == worker_id)
+        rows += session.execute(stmt.order_by(Request.job_id, Request.idx).with_for_update()).scalars().all()
+    return rows
 
 
 def _settle(job: Job) -> None:

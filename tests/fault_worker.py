@@ -1,7 +1,7 @@
 """`lorabatch worker` with one injected fault, for the fault-tolerance tests.
 
 A request whose prompt contains POISON kills the whole worker process with SIGKILL when the
-engine reaches it, as the out-of-memory killer would. Everything else is the real worker.
+engine admits it, as the out-of-memory killer would. Everything else is the real worker.
 """
 
 from __future__ import annotations
@@ -10,20 +10,20 @@ import os
 import signal
 import sys
 
-import lorabatch.worker.engine.engine as engine_module
+import lorabatch.worker.engine.stepper as stepper_module
 from lorabatch.cli.main import main
 
 POISON = "POISON"
-_generate = engine_module.Engine.generate
+_admit = stepper_module.Stepper.admit
 
 
-def _generate_or_die(self, requests):
+def _admit_or_die(self, requests):
     if any(POISON in (r.prompt or "") for r in requests):
         os.kill(os.getpid(), signal.SIGKILL)
-    return _generate(self, requests)
+    return _admit(self, requests)
 
 
-engine_module.Engine.generate = _generate_or_die
+stepper_module.Stepper.admit = _admit_or_die
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,276 @@
+"""The engine loop of a worker: continuous batching fed by queue messages, claims at admission.
+
+One thread drives the engine's Stepper (a running batch that rows join and leave). Each turn:
+1. stop rows whose job was cancelled (polled every CANCEL_POLL_SECONDS);
+2. when the stepper has room (it decides how many rows of which adapter it takes), take that many
+   references from the feed (worker.feed: messages Celery threads hold), CLAIM them in the database
+   at that moment, and admit the claimed requests;
+3. one step of the batch; each row that ended goes to the recorder at once.
+Nothing here waits for a pool of batches to finish: results flow as rows end.
+
+Requests whose previous worker died while running them ("suspects") never share a batch with other
+work: the batch drains, then one suspect message runs as a group, or alone on its last attempt, so a
+request that kills its worker every time fails after max_attempts without taking neighbours with it.
+
+Failure windows:
+- killed between claim and admit, or mid-batch: the claimed requests are `running` under a dead
+  worker; reconcile (any worker) puts them back once this one is found dead (same host: at once;
+  elsewhere: after the lease), and their attempt counts;
+- the engine itself fails (an exception out of the stepper: CUDA error, a bug): not the requests'
+  fault, so nothing is recorded as failed; every running request and every held reference goes back
+  to the queue and the worker exits non-zero for its supervisor to restart it;
+- SIGTERM: held references go back at once, the batch runs on for shutdown_grace_seconds, what is
+  still running then goes back too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import defaultdict, deque
+from collections.abc import Hashable
+
+from lorabatch.schemas.errors import LorabatchError
+from lorabatch.schemas.settings import Settings
+from lorabatch.store import lifecycle
+from lorabatch.store.context import Context
+from lorabatch.store.deployment import Deployment
+from lorabatch.store.reconcile import publish_owed
+from lorabatch.store.retry import with_db_retry
+from lorabatch.worker.engine.params import GenerationRequest, GenerationResult, SamplingParams
+from lorabatch.worker.feed import Feed, Message
+from lorabatch.worker.recorder import Recorder
+from lorabatch.worker.upkeep import Upkeep
+
+log = logging.getLogger("lorabatch.worker")
+
+CANCEL_POLL_SECONDS = 0.5
+"""How often the engine loop asks the database whether a job it runs was cancelled."""
+RATE_WINDOW_SECONDS = 30.0
+"""tokens/s in heartbeats is measured over this window."""
+CLOSE_SECONDS = 30.0
+"""How long a stopping worker keeps trying to tell the database it leaves (then the lease takes over)."""
+
+
+class EngineFailed(LorabatchError):
+    """The engine broke (not one request's fault): the work went back to the queue; restart the worker."""
+
+
+class WorkerService:
+    """Everything one worker process owns besides Celery: engine loop, feed, recorder, upkeep."""
+
+    def __init__(self, settings: Settings, engine, *, context: Context | None = None,
+                 deployment: Deployment | None = None, metrics=None) -> None:
+        self.settings = settings
+        self.context = context or Context(settings)
+        self.sessions, self.app = self.context.sessions, self.context.celery
+        self.deployment = deployment or self.context.deployment
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.metrics = metrics
+        self.stepper = engine.stepper()
+        self.feed = Feed()
+        self.recorder = Recorder(self.sessions, self.app, worker_id=self.worker_id, on_recorded=self._recorded,
+                                 on_retry=metrics.db_retry if metrics else None)
+        self.upkeep = Upkeep(self.sessions, self.app, settings.worker, worker_id=self.worker_id,
+                             deployment=self.deployment.id, load=self._load)
+        self.failure: BaseException | None = None
+        self._adapters: dict[Hashable, str] = {}
+        self._stopping = threading.Event()
+        self._isolating = False
+        self._last_cancel_poll = 0.0
+        self._finished_tokens: deque[tuple[float, int]] = deque()
+        self._started = time.monotonic()
+        self._engine_thread = threading.Thread(target=self._engine_loop, name="lorabatch-engine", daemon=True)
+
+    # ---- lifecycle
+
+    def start(self) -> None:
+        self.upkeep.start()
+        self._engine_thread.start()
+
+    def stop(self) -> None:
+        """Warm shutdown: hand back what is held, let the batch run on briefly, then hand back the rest."""
+        self._stopping.set()
+
+    def close(self) -> None:
+        self.stop()
+        self._engine_thread.join(self.settings.worker.shutdown_grace_seconds + 30)
+        self.recorder.close(timeout=60)
+        self.upkeep.stop()
+        deadline = time.monotonic() + CLOSE_SECONDS
+        try:
+            with_db_retry(self.sessions, lambda s: lifecycle.forget_worker(s, self.worker_id), what="leaving",
+                          give_up=lambda: time.monotonic() > deadline)
+        except Exception as e:  # noqa: BLE001 - the lease and reconcile recover what it held
+            log.warning("could not say goodbye to the database (%s); its lease runs out instead", e)
+        finally:
+            self.context.close()
+
+    # ---- called from Celery threads
+
+    def hold(self, job_id: str, adapter: str, idxs: list[int], suspect: int = 0) -> bool:
+        """Hold one message until all its references are admitted (or unclaimable, or handed back).
+        False: the message must go back to Redis as it is (reject it)."""
+        message = Message(job_id, adapter, list(idxs), suspect, pending=list(idxs))
+        if self._stopping.is_set():
+            return self._publish_again([message])
+        self.feed.hold(message)
+        message.done.wait()
+        return not message.requeue
+
+    # ---- the engine loop
+
+    def _engine_loop(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._stop_cancelled_rows()
+                admitted = self._admit()
+                if self.stepper.idle:
+                    if not admitted:
+                        self.feed.wait_for_work(0.2)
+                    continue
+                started = time.perf_counter()
+                rows = self.stepper.running
+                self._finished(self.stepper.step())
+                if self.metrics:
+                    self.metrics.record_step(rows, self.settings.worker.max_batch_size, time.perf_counter() - started)
+            self._wind_down()
+        except BaseException as e:  # noqa: BLE001 - the engine failed: hand everything back, exit non-zero
+            log.exception("the engine failed; handing back all work, the worker exits")
+            self.failure = e
+            self._give_back_everything()
+            os.kill(os.getpid(), 15)  # Celery's warm shutdown; run_worker then raises EngineFailed
+
+    def _admit(self) -> bool:
+        suspect = self.feed.next_suspect()
+        if suspect is not None or self._isolating:
+            if not self.stepper.idle:
+                return False  # drain first: suspects run apart from everything else
+            if suspect is None:
+                self._isolating = False
+            else:
+                self._isolating = True
+                return self._claim_and_admit(self.feed.take_message(suspect))
+        plan = self.stepper.admission(self.feed.waiting())
+        return bool(plan) and self._claim_and_admit(self.feed.take(plan))
+
+    def _claim_and_admit(self, taken: list[tuple[Message, int]]) -> bool:
+        if not taken:
+            return False
+        refs: dict[str, list[int]] = defaultdict(list)
+        for message, idx in taken:
+            refs[message.job_id].append(idx)
+        w = self.settings.worker
+        claim = with_db_retry(self.sessions, lambda s: lifecycle.claim_requests(
+            s, refs=refs, worker_id=self.worker_id, deployment=self.deployment.id, max_attempts=w.max_attempts),
+            what="claiming requests")
+        self.feed.settle(taken)  # claimed or not, these references are done with: their messages may be acked
+        if claim.gave_up:
+            log.warning("%d request(s) failed after their worker died %d times", len(claim.gave_up), w.max_attempts)
+        requests = []
+        for r in claim.requests:
+            key = (r.job_id, r.idx)
+            self._adapters[key] = r.adapter
+            requests.append(GenerationRequest(key=key, adapter=r.adapter, prompt=r.prompt, messages=r.messages,
+                                              params=SamplingParams(**{**r.params, "stop": tuple(r.params.get("stop", ()))})))
+        if requests:
+            self._finished(self.stepper.admit(requests))
+        return bool(requests)
+
+    def _finished(self, results: list[GenerationResult]) -> None:
+        outcomes, preempted = [], []
+        for res in results:
+            adapter = self._adapters.pop(res.key, None)
+            if res.finish_reason == "preempted":
+                preempted.append(res.key)
+                continue
+            job_id, idx = res.key
+            outcomes.append(lifecycle.Outcome(
+                job_id, idx, res.output, res.finish_reason, res.prompt_tokens, res.completion_tokens, res.error,
+                cancelled=res.finish_reason == "cancelled", base_model=self.deployment.base,
+                adapter_sha256=self.deployment.adapters.get(adapter or "")))
+            if res.error:
+                log.warning("request %s of %s failed: %s", idx, job_id, res.error)
+        self.recorder.put(outcomes)
+        self.recorder.hand_back(preempted)
+
+    def _stop_cancelled_rows(self) -> None:
+        now = time.monotonic()
+        if self.stepper.idle or now - self._last_cancel_poll < CANCEL_POLL_SECONDS:
+            return
+        self._last_cancel_poll = now
+        keys = self.stepper.keys()
+        cancelled = with_db_retry(self.sessions, lambda s: lifecycle.cancelling_jobs(s, (k[0] for k in keys)),
+                                  what="checking for cancelled jobs")
+        if cancelled:
+            self._finished(self.stepper.cancel([k for k in keys if k[0] in cancelled]))
+
+    # ---- shutdown and failure
+
+    def _wind_down(self) -> None:
+        self._publish_again(self.feed.give_back())
+        deadline = time.monotonic() + self.settings.worker.shutdown_grace_seconds
+        while not self.stepper.idle and time.monotonic() < deadline:
+            self._stop_cancelled_rows()
+            self._finished(self.stepper.step())
+        self._hand_back(self.stepper.abort())
+
+    def _give_back_everything(self) -> None:
+        try:
+            keys = self.stepper.abort()
+        except BaseException:  # noqa: BLE001 - the engine is broken; what it held is known here too
+            keys = list(self._adapters)
+        self._hand_back(keys)
+        self._publish_again(self.feed.give_back())
+
+    def _hand_back(self, keys: list[Hashable]) -> None:
+        for key in keys:
+            self._adapters.pop(key, None)
+        self.recorder.hand_back(list(keys))
+
+    def _publish_again(self, messages: list[Message]) -> bool:
+        """References this worker held but never claimed get new messages (they are queued in SQL), so
+        that the held messages can be acknowledged now. If that fails, the held messages are rejected
+        instead and Redis gives them out again. Returns whether it succeeded."""
+        if not messages:
+            return True
+
+        def owe(session) -> list[int]:
+            for m in messages:
+                lifecycle.owe_messages(session, m.job_id, list(m.pending), suspect=m.suspect)
+            return lifecycle.owed_ids(session)
+
+        ok = True
+        try:
+            owed = with_db_retry(self.sessions, owe, what="handing back held messages", give_up=lambda: True)
+            publish_owed(self.sessions, self.app, ids=owed)  # if this fails, the outbox rows remain
+        except Exception as e:  # noqa: BLE001 - nothing written: reject, Redis redelivers them
+            log.warning("could not hand back held messages (%s); they go back to Redis as they are", e)
+            ok = False
+        self.feed.release(messages, requeue=not ok)
+        return ok
+
+    # ---- reporting
+
+    def _recorded(self, outcomes: list[lifecycle.Outcome]) -> None:
+        now = time.monotonic()
+        self._finished_tokens.append((now, sum(o.completion_tokens or 0 for o in outcomes)))
+        if self.metrics:
+            for o in outcomes:
+                state = "cancelled" if o.cancelled else "failed" if o.error else "succeeded"
+                self.metrics.record_finished(state, "?", o.prompt_tokens or 0, o.completion_tokens or 0)
+
+    def _load(self) -> dict:
+        now = time.monotonic()
+        while self._finished_tokens and self._finished_tokens[0][0] < now - RATE_WINDOW_SECONDS:
+            self._finished_tokens.popleft()
+        window = min(RATE_WINDOW_SECONDS, now - self._started)
+        held = self.feed.held()
+        if self.metrics:
+            self.metrics.set_held(held + self.stepper.running)
+        return {"running": self.stepper.running, "held": held,
+                "tokens_per_second": round(sum(n for _, n in self._finished_tokens) / max(window, 1.0), 1)}

@@ -1,0 +1,95 @@
+"""A worker's background duties: heartbeats into SQL, and reconcile rounds that repair what crashes
+and Redis restarts leave behind (store.reconcile), including for other workers' deaths."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+
+from lorabatch.schemas.settings import WorkerSettings
+from lorabatch.store import lifecycle
+from lorabatch.store.reconcile import reconcile
+from lorabatch.store.retry import with_db_retry
+
+log = logging.getLogger("lorabatch.worker")
+
+
+class Upkeep:
+    """Two daemon threads: heartbeat every `heartbeat_seconds`, reconcile every `reconcile_seconds`."""
+
+    def __init__(self, sessions: sessionmaker[Session], app: Celery, settings: WorkerSettings, *, worker_id: str,
+                 deployment: str, load: Callable[[], dict]) -> None:
+        """`load()` returns what the heartbeat reports: running, held, tokens_per_second."""
+        self.sessions, self.app, self.settings = sessions, app, settings
+        self.worker_id, self.deployment, self.load = worker_id, deployment, load
+        self.host = host_label()
+        self._stopping = threading.Event()
+
+    def start(self) -> None:
+        self.heartbeat()
+        self.reconcile()
+        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._reconcile_loop, "reconcile")):
+            threading.Thread(target=target, name=f"lorabatch-{name}", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def heartbeat(self) -> None:
+        load = self.load()
+        with_db_retry(self.sessions, lambda s: lifecycle.heartbeat(
+            s, worker_id=self.worker_id, hostname=self.host or socket.gethostname(), pid=os.getpid(),
+            deployment=self.deployment, **load), what="heartbeat", give_up=self._stopping.is_set)
+
+    def reconcile(self) -> None:
+        dead = self.host and with_db_retry(
+            self.sessions, lambda s: lifecycle.forget_dead_workers(s, host=self.host, alive=pid_alive),
+            what="looking for dead workers on this host")
+        if dead:
+            log.warning("worker(s) %s on this host are gone; their requests run again", ", ".join(dead))
+        report = reconcile(self.sessions, self.app, lease_seconds=self.settings.lease_seconds,
+                           max_attempts=self.settings.max_attempts, worker_id=self.worker_id)
+        if report.orphans or report.redis_was_reset:
+            log.warning("reconcile: %d orphaned request(s) requeued, %d message(s) published%s", report.orphans,
+                        report.published, " (Redis had lost its data)" if report.redis_was_reset else "")
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stopping.wait(self.settings.heartbeat_seconds):
+            try:
+                self.heartbeat()
+            except Exception:  # noqa: BLE001 - try again next beat
+                log.exception("heartbeat failed")
+
+    def _reconcile_loop(self) -> None:
+        while not self._stopping.wait(self.settings.reconcile_seconds):
+            try:
+                self.reconcile()
+            except Exception as e:  # noqa: BLE001 - Redis or the database down: try again next round
+                log.warning("reconcile failed: %s", e)
+
+
+def host_label() -> str | None:
+    """Where this process runs: host name, boot and pid namespace. Workers with the same label see
+    the same process ids, so one can tell that another has died without waiting out its lease."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+        pidns = os.readlink("/proc/self/ns/pid")
+    except OSError:  # not Linux: no way to know that two processes share a pid namespace
+        return None
+    return f"{socket.gethostname()} boot={boot} {pidns}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        pass
+    return True
