@@ -28,7 +28,7 @@ def database_url(settings: Settings) -> str:
     if settings.database_url:
         return settings.database_url
     settings.state_path.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{settings.state_path / 'lorabatch.store.db'}"
+    return f"sqlite:///{settings.state_path / 'lorabatch.db'}"
 
 
 def make_engine(settings: Settings) -> Engine:
