@@ -150,7 +150,7 @@ def schedule_add(click_ctx, name, dataset, cron, tz, replace, **options) -> None
 
 
 @schedule.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list: name, cron, next and latest run.")
 @click.pass_context
 def schedule_list(click_ctx, as_json) -> None:
     """List schedules with their next run and latest run."""
@@ -210,7 +210,7 @@ def schedule_disable(click_ctx, name) -> None:
 @schedule.command("run-now")
 @click.argument("name")
 @click.option("--wait", is_flag=True, help="Wait for the job and write the output here, instead of leaving it to beat.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object: run, job, outputs.")
 @click.pass_context
 def schedule_run_now(click_ctx, name, wait, as_json) -> None:
     """Run schedule NAME now, as a firing would (its next slot is unchanged)."""

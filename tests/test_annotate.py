@@ -195,6 +195,7 @@ def test_annotate_no_wait_submits_only_distinct_valid_rows(config_path, tmp_path
         (["-t", "no placeholder", "--adapter", "sft"], "has no {field} placeholder"),
         (["-t", "{text}", "--adapter", "ghost"], "--adapter 'ghost' is not configured"),
         (["-t", "{text}", "--adapter", "sft", "--temperature", "9"], "temperature=9"),
+        (["-t", "Say {txet}", "--adapter", "sft"], "placeholder {txet} matches no column of"),
     ],
 )
 def test_annotate_usage_errors_exit_2(config_path, tmp_path, capsys, args, message):
@@ -203,6 +204,8 @@ def test_annotate_usage_errors_exit_2(config_path, tmp_path, capsys, args, messa
     code, out, err = cli_in_process(capsys, config_path, "annotate", str(data), *args)
     assert code == 2 and message in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and out == ""
+    if "placeholder {txet}" in message:
+        assert "its columns are: text" in err
 
 
 # ---------------------------------------------------------------- end to end, real worker

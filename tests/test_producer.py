@@ -173,6 +173,7 @@ def test_init_writes_config(tmp_path):
     assert r.returncode == 0, r.stderr
     s = load_settings(tmp_path / "proj" / "lorabatch.toml", environ={})
     assert set(s.adapters) == {"sft", "sft-ckpt39", "dpo-ckpt3", "dpo"} and s.worker.weights == "auto"
+    assert (tmp_path / "proj" / "adapters").is_dir(), "the README copies adapters into adapters/"
     assert run_cli(tmp_path / "unused.toml", "init", str(tmp_path / "proj")).returncode == 2
 
 
@@ -185,6 +186,7 @@ def test_prompt_longer_than_context_is_rejected(config_path, tmp_path, ctx):
     assert r.returncode == 2, r.stderr
     assert "line 2:" in r.stderr and "exceeds the model's context of 2048 tokens" in r.stderr
     assert "line 3" not in r.stderr
+    assert "Token indices sequence length" not in r.stderr, "transformers' warning must not leak into submit"
     assert count_jobs(ctx) == 0
 
 
