@@ -202,3 +202,18 @@ def test_database_from_a_newer_lorabatch_is_refused(empty_url):
         db.make_engine(Settings(database_url=empty_url))
     assert "\n" not in str(e.value)
     assert str(e.value).startswith("the database schema is at revision f00d") and str(e.value).endswith("upgrade lorabatch")
+
+
+def test_tables_dropped_under_a_version_row_count_as_empty(empty_url):
+    """Tables dropped by hand (as the test fixtures do) under a version row of any revision: the next
+    process creates the schema again instead of refusing."""
+    db.make_engine(Settings(database_url=empty_url)).dispose()
+    engine = create_engine(empty_url)
+    with engine.begin() as conn:
+        conn.execute(text(f"UPDATE {migrations.VERSION_TABLE} SET version_num = 'f00d'"))
+    Base.metadata.drop_all(engine)
+    engine.dispose()
+    engine = db.make_engine(Settings(database_url=empty_url))
+    with engine.connect() as conn:
+        assert migrations.current(conn) == migrations.head()
+    engine.dispose()

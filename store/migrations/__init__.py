@@ -100,8 +100,10 @@ def ensure_schema(engine: Engine) -> None:
         _lock(conn)
         if _at_head(conn):  # another process finished while this one waited for the lock
             return
-        if not inspect(conn).has_table(MARKER_TABLE):
+        if not inspect(conn).has_table(MARKER_TABLE):  # empty (a version row left behind by dropped tables is void)
             Base.metadata.create_all(conn)
+            if inspect(conn).has_table(VERSION_TABLE):
+                conn.execute(text(f"DELETE FROM {VERSION_TABLE}"))
             _stamp(conn, head())
             return
         rev = current(conn)
