@@ -62,20 +62,34 @@ def test_results_equal_plain_peft_one_at_a_time(config_path, tmp_path, ctx, star
 
 
 def test_status_watch_and_formats(config_path, tmp_path, ctx, start_worker):
-    """status --watch shows a bar and returns when the job ends; results export in all three formats."""
+    """status --watch shows a bar and returns when the job ends, with the job's time; results --wait waits;
+    results export in all three formats, openai bodies valid for the official SDK."""
+    from lorabatch.producer.status import _clock
+
     lines = workload()[:15]
     infile = tmp_path / "in.jsonl"
     infile.write_text("".join(json.dumps(l) + "\n" for l in lines))
     job_id = json.loads(run_cli(config_path, "submit", str(infile), "--json").stdout)["id"]
+    early = run_cli(config_path, "status", job_id[:12])
+    assert "no live worker" in early.stdout, early.stdout
     start_worker()
+    waited = run_cli(config_path, "results", job_id, "--wait", "-o", str(tmp_path / "waited.jsonl"), timeout=240)
+    assert waited.returncode == 0, waited.stderr
+    assert len((tmp_path / "waited.jsonl").read_text().splitlines()) == 15
     watched = run_cli(config_path, "status", job_id, "--watch", "--json", timeout=240)
     assert watched.returncode == 0, watched.stderr
     final = json.loads(watched.stdout)
     assert final["state"] == "completed" and final["counts"]["succeeded"] == 15
     assert final["completion_tokens"] > 0 and final["tokens_per_second"]
     assert "15/15" in watched.stderr  # the progress bar's last frame
-    openai = [json.loads(l) for l in run_cli(config_path, "results", job_id, "--format", "openai").stdout.splitlines()]
-    assert openai[0]["response"]["status_code"] == 200
+    assert _clock(final["elapsed_seconds"]) in watched.stderr, "the bar ends on the job's time, not the watcher's"
+    openai_sdk = pytest.importorskip("openai")
+    out = run_cli(config_path, "results", job_id, "--format", "openai")
+    openai = [json.loads(l) for l in out.stdout.splitlines()]
+    assert openai[0]["response"]["status_code"] == 200 and len(openai) == 15
+    for record, line in zip(openai, lines):
+        model = openai_sdk.types.chat.ChatCompletion if "messages" in line else openai_sdk.types.Completion
+        model.model_validate(record["response"]["body"])
     chat = next(o for o, l in zip(openai, lines) if "messages" in l)
     assert chat["response"]["body"]["choices"][0]["message"]["role"] == "assistant"
     csv_text = run_cli(config_path, "results", job_id, "--format", "csv").stdout
