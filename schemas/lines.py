@@ -184,6 +184,8 @@ def _content(prompt: Any, messages: Any, *, limits: LimitSettings) -> tuple[str 
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             raise LineError(f"has messages[{i}] with role {role!r}; use one of {', '.join(ROLES)}")
+        if isinstance(content, list):
+            content = _text_parts(content, i)
         if not isinstance(content, str):
             raise LineError(f"has messages[{i}] with content of type {type(content).__name__}; use a string")
         total += len(content)
@@ -192,6 +194,19 @@ def _content(prompt: Any, messages: Any, *, limits: LimitSettings) -> tuple[str 
         raise LineError("has messages whose content is all empty; write the text to answer")
     _check_length(total, limits)
     return None, clean
+
+
+def _text_parts(parts: list, i: int) -> str:
+    """OpenAI's content as a list of parts: text parts are served, joined by newlines (as vLLM does);
+    images, audio and files are not."""
+    texts = []
+    for part in parts:
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise LineError(f"has messages[{i}] with a {kind!r} content part; lorabatch serves text parts only "
+                            "({\"type\": \"text\", \"text\": ...})")
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 def _check_length(chars: int, limits: LimitSettings) -> None:

@@ -86,3 +86,12 @@ def test_client_imports_no_torch(config_path):
             "assert 'torch' not in sys.modules, 'torch imported'")
     r = subprocess.run([sys.executable, "-c", code, str(config_path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_annotate_without_waiting(config_path, tmp_path):
+    """client.annotate(wait=False) submits one job for the distinct rows and returns its id."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("a", "b", "a")))
+    with Client(config_path) as client:
+        run = client.annotate(str(data), template="Say {text}", adapter="sft", wait=False, max_new_tokens=4)
+        assert run["outputs"] is None and client.job(run["job"]).status()["counts"]["total"] == 2

@@ -114,3 +114,14 @@ def test_no_error_file_when_nothing_failed(tmp_path):
     write_rows([row(0, prompt="p")], io.StringIO(), fmt="openai", errors=errors)
     errors.close()
     assert not (tmp_path / "err.jsonl").exists() and not list(tmp_path.iterdir())
+
+
+def test_text_content_parts_are_served_and_images_refused():
+    """Content as a list of text parts (common in OpenAI and vLLM batch files) is joined by newlines;
+    an image part is refused by name."""
+    parts = [{"type": "text", "text": "Describe"}, {"type": "text", "text": "briefly"}]
+    spec = parse(line({"model": "sft", "messages": [{"role": "user", "content": parts}]}))
+    assert spec.messages == [{"role": "user", "content": "Describe\nbriefly"}]
+    image = [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]
+    with pytest.raises(LineError, match="'image_url' content part"):
+        parse(line({"model": "sft", "messages": [{"role": "user", "content": image}]}))
