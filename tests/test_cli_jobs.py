@@ -154,3 +154,21 @@ def test_help_texts():
     out = CliRunner().invoke(cli, ["--help"], terminal_width=80).output
     commands_part = out.split("Commands:")[1]
     assert "..." not in commands_part and "generate in this process" in commands_part
+
+
+def test_status_names_a_deployment_no_worker_serves(capsys, config_path, tmp_path, ctx):
+    """A live worker of another deployment does not count: status says no live worker serves this one;
+    `workers` still lists it."""
+    from lorabatch.schemas.tables import Worker
+
+    job = submit(capsys, config_path, tmp_path)
+    with ctx.sessions.begin() as s:
+        s.add(Worker(id="w-other", hostname="elsewhere", pid=4242, deployment="other-deployment",
+                     heartbeat_at=utcnow(), tokens_per_second=12.5))
+    code, out, _ = cli_in_process(capsys, config_path, "status", job)
+    assert code == 0 and "no live worker serves this deployment" in out, out
+    code, out, _ = cli_in_process(capsys, config_path, "workers", "--json")
+    (w,) = json.loads(out)
+    assert (w["host"], w["pid"], w["deployment"], w["tokens_per_second"]) == ("elsewhere", 4242, "other-deployment", 12.5)
+    code, out, _ = cli_in_process(capsys, config_path, "workers")
+    assert "elsewhere" in out and "12.5" in out
