@@ -177,8 +177,11 @@ def reconcile(click_ctx) -> None:
     from lorabatch.store.reconcile import reconcile as do_reconcile
 
     ctx = context_of(click_ctx)
-    report = do_reconcile(ctx.sessions, ctx.celery, lease_seconds=ctx.settings.worker.lease_seconds, everything=True)
-    click.echo(f"requeued {report.orphans} orphaned and re-enqueued {report.enqueued} queued requests")
+    w = ctx.settings.worker
+    report = do_reconcile(ctx.sessions, ctx.celery, lease_seconds=w.lease_seconds, max_attempts=w.max_attempts,
+                          everything=True)
+    click.echo(f"requeued {plural(report.orphans, 'orphaned request')}; published "
+               f"{plural(report.published, 'message')} for every queued request")
 
 
 @cli.command("config")

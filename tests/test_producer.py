@@ -207,7 +207,7 @@ def test_reconcile_command_refills_an_emptied_redis(config_path, tmp_path, redis
     _redis_client(redis_flushed).flushdb()
     assert queued_messages(redis_flushed) == 0
     r = run_cli(config_path, "reconcile")
-    assert r.returncode == 0 and "re-enqueued 3 queued requests" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "published 3 messages for every queued request" in r.stdout, r.stdout + r.stderr
     assert queued_messages(redis_flushed) == 3
 
 
