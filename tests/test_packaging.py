@@ -98,3 +98,10 @@ def test_urls_without_passwords_and_messages_keep_their_text():
     assert hide_password(None) == "(embedded)"
     msg = "cannot reach the database at postgresql://u:p@ss@h:5432/x (OperationalError); start it"
     assert hide_password(msg) == "cannot reach the database at postgresql://u:***@h:5432/x (OperationalError); start it"
+
+
+def test_head_constant_is_the_newest_revision():
+    """store.migrations.HEAD (read without importing Alembic) names the newest file in versions/."""
+    from lorabatch.store import migrations
+
+    assert migrations.HEAD == migrations.script_directory().get_current_head()

@@ -10,23 +10,28 @@ made by round 1 (lorabatch's tables, no version table) counts as revision 0001.
 - one at an older revision is refused with one line naming `lorabatch db upgrade`;
 - one at a revision this code does not know (a newer lorabatch wrote it) is refused too.
 Creation and upgrades hold a PostgreSQL advisory lock (SQLite: BEGIN IMMEDIATE), so processes
-starting together on an empty database all come up.
+starting together on an empty database all come up. The common case (a database at HEAD) reads one
+row with plain SQLAlchemy: Alembic, slow to import, is loaded only to create, upgrade or complain.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, Engine
 
 from lorabatch.schemas.errors import ServiceUnavailable
 from lorabatch.schemas.tables import SCHEMA_LOCK_KEY, Base
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+HEAD = "0002"
+"""The newest revision in versions/, which the models in schemas/ match (tests check both)."""
 HERE = Path(__file__).resolve().parent
 VERSION_TABLE = "lb_schema_version"
 """Alembic's version table, named for lorabatch so it never collides with another application's
@@ -38,6 +43,8 @@ MARKER_TABLE = "lb_jobs"
 
 def alembic_config(connection: Connection | None = None) -> Config:
     """An Alembic Config without a file: script_location is this package, the connection passed to env.py."""
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(HERE))
     cfg.set_main_option("version_table", VERSION_TABLE)
@@ -47,18 +54,27 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 @lru_cache(maxsize=1)
 def script_directory() -> ScriptDirectory:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config())
 
 
 def head() -> str:
     """The revision this code's tables correspond to."""
-    return script_directory().get_current_head()
+    return HEAD
+
+
+def _recorded(conn: Connection) -> str | None:
+    """The revision in the version table, None without one."""
+    if not inspect(conn).has_table(VERSION_TABLE):
+        return None
+    return conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
 
 
 def current(conn: Connection) -> str | None:
     """The database's revision: the version table's, ROUND1_REVISION for an unversioned round-1
     database, None for an empty one."""
-    rev = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
+    rev = _recorded(conn)
     if rev is None and inspect(conn).has_table(MARKER_TABLE):
         return ROUND1_REVISION
     return rev
@@ -70,6 +86,8 @@ def _lock(conn: Connection) -> None:
 
 
 def _stamp(conn: Connection, revision: str) -> None:
+    from alembic.runtime.migration import MigrationContext
+
     MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).stamp(script_directory(), revision)
 
 
@@ -116,8 +134,7 @@ def ensure_schema(engine: Engine) -> None:
 
 
 def _at_head(conn: Connection) -> bool:
-    rev = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
-    return rev == head() and inspect(conn).has_table(MARKER_TABLE)
+    return _recorded(conn) == HEAD and inspect(conn).has_table(MARKER_TABLE)
 
 
 def _upgrade(conn: Connection, target: str) -> None:
