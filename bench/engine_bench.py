@@ -10,6 +10,11 @@ same token count). Ways compared, in tokens/s (completion tokens / wall seconds,
                         batches of max_batch_size sorted by length
     merged / separate / auto   the engine with the four adapters in each weights mode
 
+``--ragged``: the even/ragged pair instead (see ``make_ragged``): the same prompts and the same total of
+completion tokens, once as equal-length answers and once ending on stop strings at long-tailed positions that
+no request field reveals (every request has the same max_new_tokens). ``--before DIR`` runs an older engine
+for comparison: DIR holds a package ``engine_before``, a copy of worker/engine with its imports renamed.
+
 Each engine way runs ``--rounds`` times, interleaved, and the best round counts: this machine is shared, and
 the best round is the one least disturbed by other processes. Functions here are meant to be reused by a
 larger benchmark; ``python bench/engine_bench.py --help`` for the command line.
@@ -18,12 +23,13 @@ larger benchmark; ``python bench/engine_bench.py --help`` for the command line.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -36,8 +42,9 @@ from lorabatch.worker.engine.engine import Engine, GenerationRequest, SamplingPa
 SHAPES = {
     "demo": dict(hidden_size=256, num_layers=4),
     "qwen0.5b-4l": dict(hidden_size=896, num_layers=4, num_heads=14, num_kv_heads=2, intermediate_size=4864),
+    "qwen0.5b-8l": dict(hidden_size=896, num_layers=8, num_heads=14, num_kv_heads=2, intermediate_size=4864),
 }
-"""Model shapes: the tiny demo, and Qwen2.5-0.5B's layer shape cut to 4 layers (vocab 4096)."""
+"""Model shapes: the tiny demo, and Qwen2.5-0.5B's layer shape cut to 4 or 8 layers (vocab 4096)."""
 
 
 @dataclass
@@ -122,11 +129,93 @@ def run_peft_one_at_a_time(root: Path, requests: list[GenerationRequest]) -> Mea
     return Measurement("peft one-at-a-time", tokens, time.perf_counter() - start, time.process_time() - cpu)
 
 
-def engine_for(root: Path, *, adapters: bool, max_batch_size: int, max_batch_tokens: int) -> Engine:
+def engine_for(
+    root: Path, *, adapters: bool, max_batch_size: int, max_batch_tokens: int, before: Path | None = None
+) -> Engine:
+    """An engine on the model under ``root``: this checkout's, or with ``before``, the older copy's there."""
+    engine_class, manager_class = Engine, AdapterManager
+    if before is not None:
+        sys.path.insert(0, str(before))
+        engine_class = importlib.import_module("engine_before.engine").Engine
+        manager_class = importlib.import_module("engine_before.adapters").AdapterManager
     model, tokenizer = load_model(root / DEMO_MODEL_DIR)
     dirs = {n: root / p for n, p in DEMO_ADAPTERS.items()} if adapters else {}
-    manager = AdapterManager(dirs, base_model=str(root / DEMO_MODEL_DIR), max_resident=8)
-    return Engine(model, tokenizer, manager, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens)
+    manager = manager_class(dirs, base_model=str(root / DEMO_MODEL_DIR), max_resident=8)
+    return engine_class(model, tokenizer, manager, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens)
+
+
+def make_ragged(
+    engine: Engine, requests: list[GenerationRequest], *, max_new_tokens: int, median_share: float = 0.2,
+    sigma: float = 1.0, seed: int = 0,
+) -> list[GenerationRequest]:
+    """The requests, each ending on a stop string at a long-tailed position no request field reveals.
+
+    Greedy generation is run once (max_new_tokens each) to learn every prompt's continuation; then each request
+    gets as its stop string the 4 characters of that continuation ending at a share of its length drawn from a
+    log-normal (median ``median_share``, clipped at 1: a tail of requests runs to max_new_tokens), moved right
+    until they first occur there. Every request keeps the same max_new_tokens: a planner that sorts by it
+    learns nothing.
+    """
+    learned = engine.generate([replace(r, params=SamplingParams(max_new_tokens=max_new_tokens)) for r in requests])
+    rng = random.Random(seed)
+    ragged = []
+    for request, result in zip(requests, learned):
+        text = result.output or ""
+        end = max(4, round(len(text) * min(1.0, median_share * rng.lognormvariate(0, sigma))))
+        while end < len(text) and text.find(text[end - 4 : end]) != end - 4:
+            end += 1
+        stop = (text[end - 4 : end],) if end < len(text) and text[end - 4 : end].strip() else ()
+        ragged.append(replace(request, params=SamplingParams(max_new_tokens=max_new_tokens, stop=stop)))
+    return ragged
+
+
+def even_like(requests: list[GenerationRequest], total_tokens: int) -> list[GenerationRequest]:
+    """The same prompts, every answer of equal length, ``total_tokens`` in all (eos ignored)."""
+    each = max(1, round(total_tokens / len(requests)))
+    return [replace(r, params=SamplingParams(max_new_tokens=each, ignore_eos=True)) for r in requests]
+
+
+def bench_ragged(
+    root: Path, *, n: int, rounds: int, max_batch_size: int, max_batch_tokens: int, max_new_tokens: int,
+    before: Path | None = None, weights: tuple[str, ...] = ("auto",),
+) -> list[Measurement]:
+    """Even and ragged workloads (same prompts, same total tokens) in each weights mode; best of ``rounds``."""
+    engine = engine_for(root, adapters=True, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens)
+    names = [BASE_ADAPTER, *DEMO_ADAPTERS]
+    prompts = make_workload(engine.tokenizer, n=n, adapters=names, new_tokens=max_new_tokens)
+    ragged = make_ragged(engine, prompts, max_new_tokens=max_new_tokens)
+    total = sum(r.completion_tokens for r in engine.generate(ragged))
+    even = even_like(prompts, total)
+    engines = {"": engine}
+    if before is not None:
+        engines["before: "] = engine_for(
+            root, adapters=True, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens, before=before
+        )
+        engines["before: "].generate(even[: len(names) * 2])  # warm-up: adapter loading is not measured
+    best: dict[str, Measurement] = {}
+    for _ in range(rounds):
+        for label, eng in engines.items():
+            for mode in weights:
+                for kind, workload in (("even", even), ("ragged", ragged)):
+                    way = f"{label}{kind} {mode}"
+                    m = run_engine(eng, workload, weights=mode, way=way)
+                    print(f"  {way}: {m.tokens_per_s:.1f} tokens/s ({m.tokens} tokens, {m.seconds:.1f} s)",
+                          file=sys.stderr, flush=True)
+                    if way not in best or m.tokens_per_s > best[way].tokens_per_s:
+                        best[way] = m
+    return list(best.values())
+
+
+def print_ragged_table(shape: str, measurements: list[Measurement]) -> None:
+    by_way = {m.way: m for m in measurements}
+    print(f"\n## even vs ragged, {shape}  (torch threads: {torch.get_num_threads()}, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, load {os.getloadavg()[0]:.1f})")
+    print("| way | tokens | seconds | tokens/s | ragged / even | tokens per CPU second |")
+    print("|---|---|---|---|---|---|")
+    for m in measurements:
+        even = by_way.get(m.way.replace("ragged", "even"))
+        ratio = f"{m.tokens_per_s / even.tokens_per_s:.2f}" if "ragged" in m.way and even else ""
+        print(f"| {m.way} | {m.tokens} | {m.seconds:.1f} | {m.tokens_per_s:.1f} | {ratio} | {m.tokens / m.cpu_seconds:.0f} |")
 
 
 WAYS = {
@@ -249,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "lorabatch-bench")
     parser.add_argument("--measure-auto", action="store_true", help="measure what the auto rule weighs, only")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--ragged", action="store_true", help="the even/ragged pair only (--new-tokens: max_new_tokens)")
+    parser.add_argument("--weights", nargs="+", default=["auto"], choices=["auto", "merged", "separate"])
+    parser.add_argument("--before", type=Path, default=None, help="folder holding an older engine_before package")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -256,6 +348,13 @@ def main(argv: list[str] | None = None) -> int:
         root = build_shape(args.root, shape)
         if args.measure_auto:
             print_auto_rule(shape, measure_auto_rule(root))
+            continue
+        if args.ragged:
+            print_ragged_table(shape, bench_ragged(
+                root, n=args.requests, rounds=args.rounds, max_batch_size=args.max_batch_size,
+                max_batch_tokens=args.max_batch_tokens, max_new_tokens=args.new_tokens, before=args.before,
+                weights=tuple(args.weights),
+            ))
             continue
         measurements = bench_shape(
             root, n=args.requests, one_at_a_time=args.one_at_a_time, rounds=args.rounds,

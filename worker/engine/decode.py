@@ -201,6 +201,23 @@ def crop_to(cache: Any, width: int) -> None:
             layer.keys, layer.values = layer.keys[:, :, :width], layer.values[:, :, :width]
 
 
+MASK_SLACK = 64
+"""Columns the attention mask is allocated beyond its width, so most decode steps append in place."""
+
+
+def grow_mask(buffer: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One more real column for every row, written in place while ``buffer`` has room.
+
+    buffer: [B, C] with its first ``width`` columns the mask -> (buffer [B, C'], mask [B, width + 1], a view)
+    """
+    if width + 1 > buffer.shape[1]:
+        bigger = buffer.new_zeros((buffer.shape[0], width + 1 + MASK_SLACK))
+        bigger[:, :width] = buffer[:, :width]
+        buffer = bigger
+    buffer[:, width] = 1
+    return buffer, buffer[:, : width + 1]
+
+
 def _left_pad_kv(states: torch.Tensor, width: int) -> torch.Tensor:
     """[b, H, s, D] -> [b, H, width, D], zeros on the left (masked out, never attended to)."""
     return torch.nn.functional.pad(states, (0, 0, width - states.shape[-2], 0))

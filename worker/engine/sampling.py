@@ -3,7 +3,10 @@
 Rows with temperature 0 take the argmax. Sampled rows draw ONE uniform number per step from their own
 CPU ``torch.Generator`` and pick the token by inverse CDF over their filtered distribution, so a seeded row
 gives the same tokens whatever batch it is in and whatever its neighbours ask for, on any device, and
-nothing of size vocab crosses to the CPU.
+nothing of size vocab crosses to the CPU. Rows with neither top-k nor top-p walk the CDF in vocabulary order
+(no sort at all); rows with top-k take ``torch.topk`` (k columns, sorted); only rows with top-p and no top-k
+sort the whole vocabulary. A seed therefore gives the same tokens on every run and in every batch, but not
+the tokens an always-sorting sampler (lorabatch before continuous batching) gave for that seed.
 
 This module knows nothing about models, tokenizers or stop strings.
 """
@@ -65,21 +68,41 @@ def sample_filtered(
 
     logits: [R, V] float32; temperature, top_p, uniforms: [R] float32; top_k: [R] long -> tokens: [R]
     """
-    vocab = logits.shape[-1]
-    scaled = logits / temperature[:, None]
-    sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True)  # [R, V]
-    probs = sorted_logits.softmax(dim=-1)
-    rank = torch.arange(vocab, device=logits.device)[None, :]  # [1, V]
-    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    probs = (logits / temperature[:, None]).softmax(dim=-1)  # [R, V]
+    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    plain = (top_k == 0) & (top_p >= 1)
+    if plain.any():
+        tokens[plain] = inverse_cdf(probs[plain], uniforms[plain])
+    filtered = ~plain
+    if filtered.any():
+        tokens[filtered] = sample_top(probs[filtered], top_k[filtered], top_p[filtered], uniforms[filtered])
+    return tokens
+
+
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """The token where each row's CDF (in vocabulary order) passes its uniform. probs: [R, V] -> [R]"""
+    cdf = probs.cumsum(dim=-1)  # [R, V]
+    target = (uniforms * cdf[:, -1])[:, None]  # [R, 1]
+    position = torch.searchsorted(cdf, target, right=True).clamp(max=probs.shape[-1] - 1)
+    # A uniform at the very top could land on a trailing token of probability 0; step back onto a real one.
+    last_real = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1, keepdim=True)
+    return torch.minimum(position, last_real).squeeze(-1)
+
+
+def sample_top(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Top-k, then top-p over the most likely tokens, by inverse CDF. probs: [R, V]; top_k: [R] (0 = off) -> [R]"""
+    vocab = probs.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))  # [R]
+    top_probs, top_ids = probs.topk(int(k.max()), dim=-1)  # [R, K], most likely first
+    rank = torch.arange(top_probs.shape[-1], device=probs.device)[None, :]  # [1, K]
     keep = rank < k[:, None]
     # Top-p keeps the smallest prefix whose mass reaches p: a token stays if the mass BEFORE it is below p.
-    mass_before = probs.cumsum(dim=-1) - probs
+    mass_before = top_probs.cumsum(dim=-1) - top_probs
     keep &= mass_before < top_p[:, None]
     keep[:, 0] = True  # the most likely token always stays, even with top_p = 0
-    cdf = (probs * keep).cumsum(dim=-1)  # [R, V]
+    cdf = (top_probs * keep).cumsum(dim=-1)  # [R, K]
     target = (uniforms * cdf[:, -1])[:, None]  # [R, 1]
-    position = torch.searchsorted(cdf, target, right=True).clamp(max=vocab - 1)  # [R, 1]
+    position = torch.searchsorted(cdf, target, right=True).clamp(max=top_probs.shape[-1] - 1)  # [R, 1]
     # A uniform at the very top could land past the last kept token; step back onto it.
     last_kept = keep.sum(dim=-1, keepdim=True) - 1
-    position = torch.minimum(position, last_kept)
-    return sorted_ids.gather(-1, position).squeeze(-1)
+    return top_ids.gather(-1, torch.minimum(position, last_kept)).squeeze(-1)

@@ -71,6 +71,7 @@ class Stepper:
         self.batch: list[Slot] = []  # the KV cache's rows, in cache order; dead rows included until cut
         self.cache: Any = None
         self.mask: torch.Tensor | None = None  # [B, W]
+        self._mask_buffer: torch.Tensor | None = None  # [B, C >= W]: self.mask is its first W columns
         self.next_tokens: torch.Tensor | None = None  # [B]: sampled, not yet fed to the model
         self.merged: str | None = None  # the adapter merged for this batch's forwards; None: adapters apart
         self._planned: Admission | None = None
@@ -259,7 +260,9 @@ class Stepper:
         """One token for every row in the cache; dead rows ride along until the next cut."""
         width = self.mask.shape[1]
         positions = self.mask.sum(-1, keepdim=True)  # [B, 1]: the next token's position in each row
-        mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=-1)  # [B, W + 1]
+        if self._mask_buffer is None or self._mask_buffer.data_ptr() != self.mask.data_ptr():
+            self._mask_buffer = self.mask  # rows joined or left: the mask is a fresh tensor
+        self._mask_buffer, mask = decode.grow_mask(self._mask_buffer, width)  # mask: [B, W + 1]
         names = [s.adapter if s.live else BASE_ADAPTER for s in self.batch]
         out_of_memory = False
         try:
@@ -309,7 +312,7 @@ class Stepper:
         self.batch = [self.batch[j] for j in kept]
 
     def _clear(self) -> None:
-        self.batch, self.cache, self.mask, self.next_tokens = [], None, None, None
+        self.batch, self.cache, self.mask, self.next_tokens, self._mask_buffer = [], None, None, None, None
 
     def _end(self, slot: Slot) -> GenerationResult:
         slot.live = False
