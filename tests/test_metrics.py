@@ -165,3 +165,60 @@ def test_job_metrics_say_when_the_database_is_down(job_ctx):
     job_ctx.sessions = down  # the cached property, replaced on the instance
     got = samples(generate_latest(registry).decode())
     assert got == {("lorabatch_sql_up", ()): 0}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_metrics_after_a_real_job(config_path, tmp_path, ctx, start_worker):
+    """A real worker with [worker] metrics_port serves the documented names, and after a 6-request job
+    over two adapters they add up; `lorabatch metrics` shows the job completed."""
+    import json
+    import time
+
+    from tests.conftest import run_cli, tune_config, wait_for_job
+
+    port = free_port()
+    tune_config(config_path, "worker", metrics_port=port, max_batch_size=4)
+    lines = [{"custom_id": f"r{i}", "adapter": ("sft", "base")[i % 2], "prompt": f"Count to {i}:", "max_new_tokens": 6}
+             for i in range(6)]
+    infile = tmp_path / "in.jsonl"
+    infile.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    worker = start_worker()
+    r = run_cli(config_path, "submit", str(infile), "--json")
+    assert r.returncode == 0, r.stderr
+    job_id = json.loads(r.stdout)["id"]
+    summary = wait_for_job(ctx, job_id, workers=[worker])
+    assert summary["counts"]["succeeded"] == 6, summary
+
+    deadline = time.monotonic() + 30  # outcomes are recorded (and counted) just after the job's counts move
+    while True:
+        text = scrape(port)
+        got = samples(text)
+        finished = sum(v for (name, _), v in got.items() if name == "lorabatch_requests_finished_total")
+        if finished >= 6 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert documented(worker_metrics) <= families(text), documented(worker_metrics) - families(text)
+    assert finished == 6, text
+    assert sum(v for (name, labels), v in got.items()
+               if name == "lorabatch_requests_finished_total" and ("state", "succeeded") in labels) == 6
+    generated = sum(v for (name, _), v in got.items() if name == "lorabatch_generated_tokens_total")
+    assert 6 <= generated <= 36
+    assert sum(v for (name, _), v in got.items() if name == "lorabatch_prompt_tokens_total") > 0
+    steps = got[("lorabatch_decode_steps_total", ())]
+    assert 6 <= steps <= 36 and got[("lorabatch_decode_step_seconds_count", ())] == steps
+    assert got[("lorabatch_batch_max_rows", ())] == 4
+    assert 0 < got[("lorabatch_batch_fill_ratio_sum", ())] <= steps
+
+    r = CliRunner().invoke(metrics_command, [], obj={"config": str(config_path)}, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    jobs = samples(r.output)
+    assert jobs[("lorabatch_jobs", (("state", "completed"),))] == 1
+    assert jobs[("lorabatch_workers_alive", ())] == 1
