@@ -6,7 +6,7 @@ import json
 
 import click
 
-from lorabatch.cli.common import context_of
+from lorabatch.cli.common import client_of, context_of
 from lorabatch.schemas.errors import LorabatchError
 
 ANNOTATE_HELP_TEMPLATE = ("Prompt text with {field} placeholders (a column's name), a .txt file holding it, or a "
@@ -62,52 +62,49 @@ def annotate(click_ctx, dataset, no_wait, fresh, as_json, **options) -> None:
     columns, in the input's format. Rows answered before with the same template, adapter and
     parameters reuse their answer; only the others go to the workers.
     """
-    from lorabatch.producer import annotation as an
     from lorabatch.producer.status import watch
 
-    ctx = context_of(click_ctx)
-    spec = _spec(ctx, dataset, **options)
-    plan = an.plan_run(ctx, spec, fresh=fresh)
-    run_id = an.create_run(ctx, spec, detached=no_wait)
-    an.submit_run(ctx, run_id, plan=plan)
-    run = an.get_run(ctx, run_id)
-    rows = sum(len(r) for r in plan.rendered.rows)
-    invalid = sum(1 for rs in plan.rendered.rows for k, _ in rs if k is None)
-    note = f"{rows} rows: {len(plan.to_submit)} distinct requests to answer, {plan.reused} answered before"
-    note += f", {invalid} invalid" if invalid else ""
-    note += f", waiting on job(s) {', '.join(plan.waits_on)}" if plan.waits_on else ""
-    click.echo(f"{('job ' + run.job_id) if run.job_id else 'no job needed'}: {note}", err=True)
-    jobs = an.run_jobs(run)
-    if no_wait and jobs:
+    client = client_of(click_ctx)
+    o = options
+
+    def submitted(info: dict) -> None:
+        note = f"{info['rows']} rows: {info['to_submit']} distinct requests to answer, {info['reused']} answered before"
+        note += f", {info['invalid']} invalid" if info["invalid"] else ""
+        note += f", waiting on job(s) {', '.join(info['waits_on'])}" if info["waits_on"] else ""
+        click.echo(f"{('job ' + info['job']) if info['job'] else 'no job needed'}: {note}", err=True)
+        if no_wait or not info["jobs"]:
+            return
+        if not client.workers():
+            click.echo("warning: no worker is running (none sent a heartbeat lately); the job waits in the queue "
+                       "until you start one: lorabatch worker", err=True)
+        if info["job"]:
+            watch(client.context.sessions, info["job"], lease_seconds=client.settings.worker.lease_seconds)
+
+    try:
+        res = client.annotate(list(dataset), template=o["template"], adapter=o["adapter"], output=o["output"],
+                              column=o["column"], priority=o["priority"], name=o["job_name"], fresh=fresh,
+                              wait=not no_wait, on_submitted=submitted, max_new_tokens=o["max_new_tokens"],
+                              temperature=o["temperature"], seed=o["seed"])
+    except KeyboardInterrupt:
+        click.echo("stopped waiting; the job goes on. Run the same command again to collect its answers.", err=True)
+        raise
+    if res["outputs"] is None:
         if as_json:
-            _echo_json({"run": run_id, "job": run.job_id, "waits_on": run.waits_on, "outputs": None})
+            _echo_json({"run": res["run"], "job": res["job"], "waits_on": res["waits_on"], "outputs": None})
         else:
-            click.echo(run.job_id or run_id)
+            click.echo(res["job"] or res["run"])
             click.echo("`lorabatch beat`, if running, writes the output when the job ends; "
                        "or run the same command again later.", err=True)
         return
-    if jobs and not an.live_workers(ctx):
-        click.echo("warning: no worker is running (none sent a heartbeat lately); the job waits in the queue "
-                   "until you start one: lorabatch worker", err=True)
-    try:
-        if run.job_id:
-            watch(ctx.sessions, run.job_id)
-        an.wait_for_jobs(ctx, jobs)
-    except KeyboardInterrupt:
-        click.echo(f"stopped waiting; job {run.job_id or ', '.join(jobs)} goes on. Run the same command again "
-                   "to collect its answers.", err=True)
-        raise
-    written = an.write_run(ctx, run_id, rendered=plan.rendered)
-    counts = ", ".join(f"{k} {v}" for k, v in written.counts.items() if v) or "no rows"
+    counts = ", ".join(f"{k} {v}" for k, v in res["counts"].items() if v) or "no rows"
     if as_json:
-        _echo_json({"run": run_id, "job": run.job_id, "waits_on": run.waits_on,
-                    "outputs": [str(p) for p in written.outputs], "counts": written.counts})
+        _echo_json({k: res[k] for k in ("run", "job", "waits_on", "outputs", "counts")})
     else:
-        for path in written.outputs:
-            click.echo(str(path))
-        click.echo(f"wrote {len(written.outputs)} file(s): {counts}", err=True)
-    if written.counts.get("cancelled"):
-        raise LorabatchError(f"{written.counts['cancelled']} row(s) were cancelled and have no answer; "
+        for path in res["outputs"]:
+            click.echo(path)
+        click.echo(f"wrote {len(res['outputs'])} file(s): {counts}", err=True)
+    if res["counts"].get("cancelled"):
+        raise LorabatchError(f"{res['counts']['cancelled']} row(s) were cancelled and have no answer; "
                              "run the same command again to annotate them.")
 
 

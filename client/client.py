@@ -207,9 +207,13 @@ class Client:
 
     def annotate(self, datasets: str | Iterable[str], *, template: str, adapter: str, output: str | None = None,
                  column: str = "annotation", priority: int = 5, name: str | None = None, fresh: bool = False,
-                 wait: bool = True, timeout: float | None = None, **overrides: Any) -> dict:
-        """Annotate dataset files (JSONL, CSV, Parquet, or globs) as `lorabatch annotate` does: returns
-        {"run", "job", "outputs", "counts"}; with wait=False, returns once submitted (outputs None)."""
+                 wait: bool = True, timeout: float | None = None,
+                 on_submitted: Callable[[dict], Any] | None = None, **overrides: Any) -> dict:
+        """Annotate dataset files (JSONL, CSV, Parquet, or globs) as `lorabatch annotate` does. Returns
+        {"run", "job", "waits_on", "rows", "to_submit", "reused", "invalid", "outputs", "counts"}; with
+        wait=False it returns once submitted (outputs None). `on_submitted(that dict)` is called once
+        the job is submitted, before waiting (the CLI shows its progress bar there). `overrides`:
+        max_new_tokens, temperature, seed (None leaves the template's)."""
         from lorabatch.producer import annotation as an
 
         datasets = [datasets] if isinstance(datasets, str) else list(datasets)
@@ -220,11 +224,16 @@ class Client:
         an.submit_run(self.context, run_id, plan=plan)
         run = an.get_run(self.context, run_id)
         jobs = an.run_jobs(run)
+        info = {"run": run_id, "job": run.job_id, "waits_on": run.waits_on, "jobs": jobs,
+                "rows": sum(len(r) for r in plan.rendered.rows), "to_submit": len(plan.to_submit),
+                "reused": plan.reused, "invalid": sum(1 for rs in plan.rendered.rows for k, _ in rs if k is None),
+                "outputs": None, "counts": None}
+        if on_submitted is not None:
+            on_submitted(info)
         if not wait and jobs:
-            return {"run": run_id, "job": run.job_id, "outputs": None, "counts": None}
+            return info
         if not an.wait_for_jobs(self.context, jobs, timeout=timeout):
-            raise JobTimeout(f"annotation run {run_id} did not end within {timeout}s; call annotate again later "
-                             "to collect its answers.")
+            raise JobTimeout(f"annotation run {run_id} did not end within {timeout}s; run the same annotate again "
+                             "later to collect its answers.")
         written = an.write_run(self.context, run_id, rendered=plan.rendered)
-        return {"run": run_id, "job": run.job_id, "outputs": [str(p) for p in written.outputs],
-                "counts": written.counts}
+        return {**info, "outputs": [str(p) for p in written.outputs], "counts": written.counts}
