@@ -1,6 +1,6 @@
 # The image for worker, beat and flower. CUDA torch comes from PyPI's default wheels.
-# Installed with -c constraints.txt: the versions the project is tested with (flower and the CUDA
-# libraries torch pulls are the only packages it leaves unpinned).
+# Installed with -c constraints.txt: the versions the project is tested with, flower included (only
+# the CUDA libraries torch pulls are left to torch's own pins).
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml constraints.txt README.md ./
@@ -11,5 +11,5 @@ COPY producer ./producer
 COPY worker ./worker
 COPY demo ./demo
 COPY cli ./cli
-RUN pip install --no-cache-dir -c constraints.txt '.[worker,postgres,annotate]' 'flower>=2.0'
+RUN pip install --no-cache-dir -c constraints.txt '.[worker,postgres,annotate]' flower
 ENTRYPOINT []
