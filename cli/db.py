@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from lorabatch.cli.common import context_of, echo_json
+from lorabatch.schemas.errors import ServiceUnavailable
 from lorabatch.schemas.settings import hide_password
 from lorabatch.store import db, migrations
 
@@ -16,8 +17,9 @@ def db_group() -> None:
 
 @db_group.command("current")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@click.option("--check", is_flag=True, help="Exit 2 with the one-line reason unless the database is usable as it is.")
 @click.pass_context
-def current_command(click_ctx, as_json) -> None:
+def current_command(click_ctx, as_json, check) -> None:
     """Print the database's schema revision and the one this lorabatch needs."""
     settings = context_of(click_ctx).settings
     engine = db.connect(settings)
@@ -28,6 +30,8 @@ def current_command(click_ctx, as_json) -> None:
         engine.dispose()
     head = migrations.head()
     problem = migrations.mismatch(rev)
+    if check and problem:
+        raise ServiceUnavailable(problem)
     if as_json:
         echo_json({"current": rev, "head": head, "up_to_date": rev == head})
         return

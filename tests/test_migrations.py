@@ -217,3 +217,17 @@ def test_tables_dropped_under_a_version_row_count_as_empty(empty_url):
     with engine.connect() as conn:
         assert migrations.current(conn) == migrations.head()
     engine.dispose()
+
+
+def test_db_current_names_both_revisions_and_check_fails_on_an_old_one(empty_url, tmp_path):
+    config = tmp_path / "lorabatch.toml"
+    config.write_text(f'[service]\nstate_dir = "{tmp_path / "state"}"\ndatabase_url = "{empty_url}"\n')
+    _round1(empty_url, versioned=True)
+    r = CliRunner().invoke(db_group, ["current", "--json"], obj={"config": str(config)}, catch_exceptions=False)
+    assert r.exit_code == 0 and '"current": "0001"' in r.output and f'"head": "{migrations.head()}"' in r.output
+    if migrations.head() != migrations.ROUND1_REVISION:
+        r = CliRunner().invoke(db_group, ["current", "--check"], obj={"config": str(config)})
+        assert isinstance(r.exception, ServiceUnavailable) and "run `lorabatch db upgrade`" in str(r.exception)
+    _upgrade_cli(tmp_path, empty_url)
+    r = CliRunner().invoke(db_group, ["current", "--check"], obj={"config": str(config)}, catch_exceptions=False)
+    assert r.exit_code == 0 and f"this lorabatch needs {migrations.head()}" in r.output
