@@ -17,7 +17,9 @@ import click
 
 from lorabatch.cli.annotate import COMMANDS as ANNOTATION_COMMANDS
 from lorabatch.cli.common import JOB_HELP, client_of, context_of, echo_json
+from lorabatch.cli.db import db_group
 from lorabatch.cli.jobs import COMMANDS as JOB_COMMANDS
+from lorabatch.cli.metrics import metrics_command
 from lorabatch.cli.run import run as run_command
 from lorabatch.producer.inputs import plural
 from lorabatch.schemas.errors import LorabatchError, UsageError
@@ -208,6 +210,8 @@ def show_config(click_ctx, as_json) -> None:
 for _command in [*JOB_COMMANDS, *ANNOTATION_COMMANDS]:  # commands that live in their own modules
     cli.add_command(_command)
 cli.add_command(run_command)
+cli.add_command(db_group)
+cli.add_command(metrics_command)
 for _command in cli.commands.values():  # the command list shows whole first lines, never "..." cut ones
     if _command.short_help is None and _command.help:
         _command.short_help = _command.help.strip().split("\n\n")[0].replace("\n", " ")

@@ -9,7 +9,7 @@ publishes it: nothing is lost, and claims make sure nothing runs twice.
 from __future__ import annotations
 
 from lorabatch.producer.jobs import find_job
-from lorabatch.store import broker, lifecycle
+from lorabatch.store import broker, lifecycle, outbox
 from lorabatch.store.context import Context
 from lorabatch.store.db import transaction
 from lorabatch.store.reconcile import publish_owed
@@ -22,7 +22,7 @@ def retry_failed(ctx: Context, job_ref: str) -> tuple[str, int]:
     broker.check_broker(ctx.celery)
     with transaction(ctx.sessions) as session:
         n = lifecycle.retry_failed(session, job_id)
-        owed = lifecycle.owed_ids(session) if n else []
+        owed = outbox.owed_ids(session) if n else []
     if owed:
         publish_owed(ctx.sessions, ctx.celery, ids=owed)
     return job_id, n

@@ -27,7 +27,7 @@ from lorabatch.schemas.errors import InvalidInput, UsageError
 from lorabatch.schemas.lines import LineError, RequestSpec, parse_line
 from lorabatch.schemas.settings import BASE_ADAPTER
 from lorabatch.schemas.tables import Job
-from lorabatch.store import broker, lifecycle
+from lorabatch.store import broker, lifecycle, outbox
 from lorabatch.store.context import Context
 from lorabatch.store.db import transaction
 from lorabatch.store.reconcile import publish_owed
@@ -81,8 +81,8 @@ def submit_file(ctx: Context, source: str, *, adapter: str | None = None, name: 
         with transaction(ctx.sessions) as session:
             job = session.get(Job, job_id)
             job.total = job.n_queued = total
-            lifecycle.owe_messages(session, job_id, None)
-            owed = lifecycle.owed_ids(session)
+            outbox.owe_messages(session, job_id, None)
+            owed = outbox.owed_ids(session)
     # Committed, then published. If this process dies in between, the outbox row stays and a
     # worker's reconcile round publishes it (reconcile.OUTBOX_GRACE_SECONDS later).
     messages = publish_owed(ctx.sessions, ctx.celery, ids=owed)

