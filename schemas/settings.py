@@ -65,6 +65,9 @@ class WorkerSettings(_Section):
     engine: Literal["model", "instant"] = "model"
     """instant: answer every request at once without loading a model, to measure the queue and the
     database alone (benchmarks, soaks). Never for real work."""
+    instant_step_seconds: float = Field(0.0, ge=0)
+    """With engine = "instant": how long each step takes (rows live 1-8 steps), so that a soak can
+    kill workers while requests run."""
     metrics_port: int | None = Field(None, ge=1, le=65535)
     """Serve Prometheus metrics on this port (None: off)."""
     gather_seconds: float = Field(0.2, ge=0)

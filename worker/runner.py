@@ -41,7 +41,8 @@ def run_worker(settings: Settings, *, concurrency: int | None = None, weights: s
     if engine is None and settings.worker.engine == "instant":
         from lorabatch.worker.engine.instant import InstantEngine
 
-        engine = InstantEngine(max_batch_size=settings.worker.max_batch_size)
+        engine = InstantEngine(max_batch_size=settings.worker.max_batch_size,
+                               step_seconds=settings.worker.instant_step_seconds)
     elif engine is None:
         from lorabatch.worker.engine.engine import Engine
 

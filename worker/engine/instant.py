@@ -2,8 +2,8 @@
 Redis, the database) and for chaos soaks. Never the default: a worker uses it only with
 `[worker] engine = "instant"` in its configuration, which benchmarks and tests write.
 
-Its stepper follows the real Stepper's contract (worker/engine/stepper.py): every admitted row ends
-at the next step with a fixed output.
+Its stepper follows the real Stepper's contract (worker/engine/stepper.py): an admitted row ends
+after 1 to 8 steps (by its index, so lengths are ragged), with a fixed output.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ class InstantStepper:
     def __init__(self, engine: InstantEngine) -> None:
         self.engine = engine
         self.rows: list[GenerationRequest] = []
+        self.steps_left: dict[Hashable, int] = {}
 
     @property
     def running(self) -> int:
@@ -48,6 +49,8 @@ class InstantStepper:
 
     def admit(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         self.rows += requests
+        for r in requests:
+            self.steps_left[r.key] = 1 + hash(r.key) % 8
         return []
 
     def step(self) -> list[GenerationResult]:
@@ -55,7 +58,12 @@ class InstantStepper:
             import time
 
             time.sleep(self.engine.step_seconds)
-        done, self.rows = self.rows, []
+        for r in self.rows:
+            self.steps_left[r.key] -= 1
+        done = [r for r in self.rows if self.steps_left[r.key] <= 0]
+        self.rows = [r for r in self.rows if self.steps_left[r.key] > 0]
+        for r in done:
+            del self.steps_left[r.key]
         return [GenerationResult(r.key, f"instant answer to {r.key[1]}", "stop", prompt_tokens=1, completion_tokens=1)
                 for r in done]
 
@@ -63,8 +71,11 @@ class InstantStepper:
         keys = set(keys)
         gone = [r for r in self.rows if r.key in keys]
         self.rows = [r for r in self.rows if r.key not in keys]
+        for r in gone:
+            del self.steps_left[r.key]
         return [GenerationResult(r.key, "", "cancelled", prompt_tokens=1, completion_tokens=0) for r in gone]
 
     def abort(self) -> list[Hashable]:
         keys, self.rows = self.keys(), []
+        self.steps_left.clear()
         return keys
