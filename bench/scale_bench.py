@@ -3,7 +3,10 @@
     python bench/scale_bench.py [--lines 1000000]
 
 Runs `lorabatch submit` as its own process on embedded defaults (embedded Redis, SQLite) in a
-fresh temporary state directory, so nothing else is touched. No worker runs.
+fresh temporary state directory, so nothing else is touched. No worker runs; instead a thread of
+this process writes a worker's heartbeat every 0.25 s, as a worker would, and the longest wait for
+one (SQLite's write lock held by the submit) is reported: a gap near the lease would get a live
+worker presumed dead.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -60,18 +64,36 @@ def main() -> None:
         url = broker.ensure_embedded_redis(settings.state_path)
         before = redis_used_memory(url)
         env = {k: v for k, v in os.environ.items() if not k.startswith("LORABATCH_")}
+        ctx = Context(settings)
+        ctx.engine  # noqa: B018 - the schema exists before the heartbeats start
+        beats: list[float] = []
+        done = threading.Event()
+
+        def heartbeats() -> None:
+            from lorabatch.store import lifecycle
+            from lorabatch.store.db import transaction
+
+            while not done.wait(0.25):
+                t = time.perf_counter()
+                with transaction(ctx.sessions) as s:
+                    lifecycle.heartbeat(s, worker_id="bench-beat", hostname="bench", pid=os.getpid())
+                beats.append(time.perf_counter() - t)
+
+        beater = threading.Thread(target=heartbeats)
+        beater.start()
         t0 = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "lorabatch.cli", "--config", str(cfg), "submit",
                                  str(infile), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
+        done.set()
+        beater.join()
         out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
         if status != 0:
             raise SystemExit(f"submit failed: {err}")
         job_id = json.loads(out)["id"]
         per_request = (redis_used_memory(url) - before) / args.lines
 
-        ctx = Context(settings)
         read_summary(ctx.sessions, job_id)
         t0 = time.perf_counter()
         rounds = 200
@@ -83,10 +105,11 @@ def main() -> None:
         broker.stop_embedded_redis(settings.state_path)
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
-    print("| lines | submit wall | lines/s | submit peak RSS | Redis bytes / queued request | status |")
-    print("|---|---|---|---|---|---|")
+    print("| lines | submit wall | lines/s | submit peak RSS | Redis bytes / queued request | status "
+          "| heartbeats during submit | longest heartbeat wait |")
+    print("|---|---|---|---|---|---|---|---|")
     print(f"| {args.lines:,} | {wall:.1f} s | {args.lines / wall:,.0f} | {usage.ru_maxrss / 1024:.0f} MB "
-          f"| {per_request:.0f} | {status_ms:.2f} ms |")
+          f"| {per_request:.0f} | {status_ms:.2f} ms | {len(beats)} | {max(beats):.2f} s |")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
 ADAPTERS = ["sft", "dpo", "base"]
 WORKER = {"engine": "instant", "instant_step_seconds": 0.05, "max_batch_size": 16, "lease_seconds": 5,
           "heartbeat_seconds": 0.5, "reconcile_seconds": 1, "visibility_timeout": 10, "publish_grace_seconds": 3,
@@ -186,7 +187,6 @@ class Checker:
 
         from lorabatch.schemas.tables import Job
         from lorabatch.store import lifecycle
-
         from lorabatch.store.db import transaction
 
         with self.ctx.sessions() as s:
@@ -223,7 +223,7 @@ def run_soak(tmp: Path, *, seconds: float, workers: int, database_url: str, seed
     stop = threading.Event()
 
     def sampler() -> None:
-        while not stop.wait(1.0):
+        while not stop.wait(0.25):
             try:
                 checker.sample()
             except Exception as e:  # noqa: BLE001 - the database was just cut: next sample

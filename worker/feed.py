@@ -49,12 +49,17 @@ class Feed:
     def __init__(self) -> None:
         self._lock = threading.Condition()
         self._messages: list[Message] = []
+        self._closed = False
 
-    def hold(self, message: Message) -> None:
+    def hold(self, message: Message) -> bool:
+        """Take a message in; False once the feed was given back (shutdown): the caller deals with it."""
         message.pending = list(message.idxs)
         with self._lock:
+            if self._closed:
+                return False
             self._messages.append(message)
             self._lock.notify_all()
+            return True
 
     def wait_for_work(self, timeout: float) -> bool:
         """Block until some reference can be taken (True) or `timeout` passes (False)."""
@@ -107,10 +112,16 @@ class Feed:
                 m.taken -= 1
             self._finish_done()
 
-    def give_back(self) -> list[Message]:
+    def give_back(self, *, everything: bool = False) -> list[Message]:
         """Shutdown: nothing more is taken; returns the messages with pending references (`pending`
-        lists them) for the caller to publish again, then `release`."""
+        lists them) for the caller to publish again, then `release`. With `everything` (the engine
+        failed, maybe mid-claim): every message, all its references pending again (publishing a
+        reference twice is harmless: one claim wins)."""
         with self._lock:
+            self._closed = True  # a message arriving from now on is not held (Feed.hold says so)
+            if everything:
+                for m in self._messages:
+                    m.pending, m.taken = list(m.idxs), 0
             out = [m for m in self._messages if m.pending]
             for m in out:
                 m.closing = True

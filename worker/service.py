@@ -116,9 +116,8 @@ class WorkerService:
         """Hold one message until all its references are admitted (or unclaimable, or handed back).
         False: the message must go back to Redis as it is (reject it)."""
         message = Message(job_id, adapter, list(idxs), suspect, pending=list(idxs))
-        if self._stopping.is_set():
+        if self._stopping.is_set() or not self.feed.hold(message):
             return self._publish_again([message])
-        self.feed.hold(message)
         message.done.wait()
         return not message.requeue
 
@@ -228,7 +227,7 @@ class WorkerService:
         except BaseException:  # noqa: BLE001 - the engine is broken; what it held is known here too
             keys = list(self._adapters)
         self._hand_back(keys)
-        self._publish_again(self.feed.give_back())
+        self._publish_again(self.feed.give_back(everything=True))
 
     def _hand_back(self, keys: list[Hashable]) -> None:
         for key in keys:
