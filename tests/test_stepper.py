@@ -187,3 +187,13 @@ def test_admit_refuses_what_cannot_run_at_once(engine):
     assert stepper.keys() == [2]
     (done,) = [r for _ in range(2) for r in stepper.step()]
     assert done.key == 2 and done.completion_tokens == 2 and stepper.idle
+
+
+def test_prompt_ids_run_as_given(engine):
+    """A request given as token ids computes what the same ids given as text compute; ids out of range fail."""
+    text = GenerationRequest(0, "sft", SamplingParams(max_new_tokens=6), prompt=PROMPTS[0])
+    ids = GenerationRequest(1, "sft", SamplingParams(max_new_tokens=6), prompt_ids=engine.encode(text))
+    bad = GenerationRequest(2, "sft", SamplingParams(max_new_tokens=6), prompt_ids=[engine.vocab_size])
+    a, b, c = engine.generate([text, ids, bad])
+    assert a.output == b.output and a.completion_tokens == b.completion_tokens == 6
+    assert "prompt_ids must lie in" in c.error

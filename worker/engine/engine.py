@@ -77,6 +77,7 @@ class Engine:
         self.min_merged_rows = min_merged_rows
         self.device = next(model.parameters()).device
         self.eos = eos_token_ids(model, tokenizer)
+        self.vocab_size = model.get_input_embeddings().num_embeddings
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         adapters.bind(model)
 
@@ -134,9 +135,14 @@ class Engine:
                 f"invalid sampling parameters (max_new_tokens={p.max_new_tokens}, temperature={p.temperature}, "
                 f"top_p={p.top_p}, top_k={p.top_k}): need max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1, top_k >= 0."
             )
-        if (request.prompt is None) == (request.messages is None):
+        given = [x is not None for x in (request.prompt, request.messages, request.prompt_ids)]
+        if sum(given) != 1:
             raise RequestRefused("a request needs exactly one of prompt or messages.")
-        if request.prompt is not None:
+        if request.prompt_ids is not None:
+            ids = list(request.prompt_ids)
+            if any(not 0 <= i < self.vocab_size for i in ids):
+                raise RequestRefused(f"prompt_ids must lie in [0, {self.vocab_size}).")
+        elif request.prompt is not None:
             ids = list(self.tokenizer(request.prompt)["input_ids"])
         else:
             try:

@@ -29,7 +29,7 @@ class SamplingParams:
 
 @dataclass
 class GenerationRequest:
-    """One prompt for one adapter. Exactly one of ``prompt`` and ``messages``."""
+    """One prompt for one adapter. Exactly one of ``prompt``, ``messages`` and ``prompt_ids``."""
 
     key: Hashable
     """The caller's id, returned unchanged."""
@@ -40,6 +40,8 @@ class GenerationRequest:
     """Tokenized as is, with the tokenizer's default special tokens."""
     messages: list[dict] | None = None
     """Rendered with the tokenizer's chat template, generation prompt added."""
+    prompt_ids: list[int] | None = None
+    """Token ids, used as they are (benchmarks against other engines on token-id workloads)."""
 
 
 @dataclass
