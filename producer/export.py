@@ -23,7 +23,8 @@ from sqlalchemy.orm import Session
 from lorabatch.schemas.tables import Request
 
 FORMATS = ("jsonl", "openai", "csv")
-CSV_COLUMNS = ("custom_id", "adapter", "status", "output", "finish_reason", "prompt_tokens", "completion_tokens", "error")
+CSV_COLUMNS = ("custom_id", "adapter", "status", "output", "finish_reason", "prompt_tokens", "completion_tokens", "error",
+               "base_model", "adapter_sha256", "worker")
 ERRORS_SUFFIX = ".errors.jsonl"
 """Default error file of `--format openai`: the output file's name plus this."""
 
@@ -39,6 +40,11 @@ def native_record(row: Request) -> dict:
         "prompt_tokens": row.prompt_tokens,
         "completion_tokens": row.completion_tokens,
         "error": row.error,
+        # Provenance: what produced the result (the deployment's base model, the adapter weights' sha256,
+        # the worker); None for requests that never ran.
+        "base_model": row.base_model,
+        "adapter_sha256": row.adapter_sha256,
+        "worker": row.worker_id,
     }
 
 

@@ -73,7 +73,8 @@ def worker_note(summary: dict) -> str | None:
 
 def list_jobs(sessions: sessionmaker[Session], *, state: str | None = None, limit: int = 100) -> list[dict]:
     with sessions() as session:
-        stmt = select(Job).order_by(Job.created_at.desc()).limit(limit)
+        # total 0: a submit still inserting its requests (or one killed doing so): not a job yet
+        stmt = select(Job).where(Job.total > 0).order_by(Job.created_at.desc()).limit(limit)
         if state:
             stmt = stmt.where(Job.state == state)
         return [job_summary(j) for j in session.execute(stmt).scalars()]

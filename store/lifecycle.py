@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select, tuple_, update
+from sqlalchemy import delete, func, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from lorabatch.schemas.errors import NotFound, UsageError
@@ -132,6 +132,15 @@ def retry_failed(session: Session, job_id: str) -> int:
     return len(idxs)
 
 
+def forget_abandoned_submits(session: Session, *, older_than: timedelta) -> int:
+    """Delete jobs whose submit died while inserting their requests (total still 0; no message was
+    ever owed for them), with those requests. Returns how many."""
+    ids = session.execute(select(Job.id).where(Job.total == 0, Job.created_at < utcnow() - older_than)).scalars().all()
+    if ids:
+        session.execute(delete(Job).where(Job.id.in_(ids)))
+    return len(ids)
+
+
 def cancelling_jobs(session: Session, job_ids: Iterable[str]) -> set[str]:
     """Which of these jobs are being (or were) cancelled: their running requests should stop."""
     ids = list(set(job_ids))
@@ -197,17 +206,24 @@ class Claim:
 
 
 def claim_requests(session: Session, *, refs: Mapping[str, Iterable[int]], worker_id: str,
-                   deployment: str | None, max_attempts: int) -> Claim:
+                   deployment: str | None, max_attempts: int, suspects: bool = False) -> Claim:
     """Claim, for `worker_id`, those of the referenced requests ({job_id: idxs}) that are queued in an
     open job of `deployment`; the engine admits them right after. Each claim counts an attempt. A
     request that already started `max_attempts` times (its workers kept dying) ends as failed instead.
-    Anything else is skipped: a duplicate message, a cancelled request, another deployment's job."""
+    Anything else is skipped: a duplicate message, a cancelled request, another deployment's job.
+
+    `suspects`: the references came in a suspect message (their worker died running them; they run
+    apart from other work). Without it, requests that started before are skipped: an ordinary message
+    that names one (the dead worker's message, redelivered) must not put it beside fresh work; the
+    suspect message owed when it was put back runs it."""
     wanted = {job_id: sorted(set(idxs)) for job_id, idxs in refs.items() if idxs}
     if not wanted:
         return Claim([], [])
     jobs = _lock_jobs(session, wanted, missing_ok=True)
     open_jobs = [j for j in sorted(jobs) if jobs[j].state in OPEN and jobs[j].deployment == deployment]
     rows = _locked_requests(session, {j: wanted[j] for j in open_jobs}, state=Q)
+    if not suspects:
+        rows = [r for r in rows if r.attempts == 0]
     now = utcnow()
     claimed, gave_up = [], []
     for row in rows:

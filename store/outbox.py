@@ -64,9 +64,12 @@ def owe_all_queued(session: Session) -> int:
     return len(job_ids)
 
 
-def queued_refs(session: Session, job_id: str, idxs: list[int] | None) -> list[tuple[str, int]]:
-    """(adapter, idx) of those requests that are still queued, in (adapter, idx) order."""
-    stmt = select(Request.adapter, Request.idx).where(Request.job_id == job_id, Request.state == RequestState.QUEUED.value)
+def queued_refs(session: Session, job_id: str, idxs: list[int] | None) -> list[tuple[bool, str, int]]:
+    """(suspect, adapter, idx) of those requests that are still queued, fresh ones first, in (adapter,
+    idx) order. A suspect started before (attempts > 0) and its worker died: whatever message owed it,
+    it is published as a suspect, since ordinary claims skip it (lifecycle.claim_requests)."""
+    stmt = select(Request.attempts > 0, Request.adapter, Request.idx).where(
+        Request.job_id == job_id, Request.state == RequestState.QUEUED.value)
     if idxs is not None:
         stmt = stmt.where(Request.idx.in_(idxs))
-    return [tuple(r) for r in session.execute(stmt.order_by(Request.adapter, Request.idx))]
+    return [tuple(r) for r in session.execute(stmt.order_by(Request.attempts > 0, Request.adapter, Request.idx))]

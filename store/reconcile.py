@@ -38,6 +38,10 @@ OUTBOX_GRACE_SECONDS = 60.0
 publisher refreshes its row's time every PUBLISH_BATCH references)."""
 
 
+ABANDONED_SUBMIT = timedelta(hours=1)
+"""A job still at total 0 this long after it was created is a submit that died inserting its requests."""
+
+
 @dataclass
 class ReconcileReport:
     orphans: int = 0
@@ -56,6 +60,7 @@ def reconcile(sessions: sessionmaker[Session], app: Celery, *, lease_seconds: fl
         report.orphans = lifecycle.orphaned_requests(session, lease=timedelta(seconds=lease_seconds),
                                                      max_attempts=max_attempts, alive=worker_id)
         owed = outbox.owed_ids(session)
+        lifecycle.forget_abandoned_submits(session, older_than=ABANDONED_SUBMIT)
     run_id = broker.redis_was_reset(app)
     if run_id or everything:
         with transaction(sessions) as session:
@@ -97,9 +102,15 @@ def _publish_row(sessions: sessionmaker[Session], app: Celery, row_id: int, job_
     sent = 0
     for start in range(0, len(refs), PUBLISH_BATCH):
         part = refs[start : start + PUBLISH_BATCH]
-        for adapter, group in groupby(part, key=lambda r: r[0]):
-            sent += broker.enqueue(app, job_id, adapter, [idx for _, idx in group], priority=priority,
-                                   deployment=deployment, suspect=suspect)
+        for (was_run, adapter), group in groupby(part, key=lambda r: r[:2]):
+            idxs = [idx for _, _, idx in group]
+            if was_run and not suspect:  # owed as ordinary work (a refill, a hand-back): run alone, to be safe
+                for idx in idxs:
+                    sent += broker.enqueue(app, job_id, adapter, [idx], priority=priority, deployment=deployment,
+                                           suspect=outbox.SUSPECT_ALONE)
+            else:
+                sent += broker.enqueue(app, job_id, adapter, idxs, priority=priority, deployment=deployment,
+                                       suspect=suspect)
         if start + PUBLISH_BATCH < len(refs):
             with transaction(sessions) as session:  # still publishing: keep other publishers off this row
                 session.execute(update(Outbox).where(Outbox.id == row_id)

@@ -56,6 +56,9 @@ def test_results_equal_plain_peft_one_at_a_time(config_path, tmp_path, ctx, star
         assert res["output"] == expected, (line, res)
         assert res["status"] == "succeeded" and res["error"] is None and res["adapter"] == line["adapter"]
         assert res["completion_tokens"] > 0 and res["prompt_tokens"] > 0
+        # Provenance: which base, which adapter weights, which worker produced it.
+        assert res["base_model"] == ctx.deployment.base and res["worker"]
+        assert res["adapter_sha256"] == ctx.deployment.adapters.get(line["adapter"])
         by_prompt.setdefault(int(line["custom_id"].rsplit("-", 1)[1]), set()).add(expected)
     # The comparison can catch a mixed-up adapter only if adapters answer differently: they do.
     assert sum(len(outs) == len(ADAPTERS) for outs in by_prompt.values()) >= len(PROMPTS) // 2

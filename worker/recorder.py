@@ -58,28 +58,40 @@ class Recorder:
         self._inbox.put(("stop", None))
         self._thread.join(timeout)
 
+    def idle(self) -> bool:
+        """Everything handed in so far is in the database (suspects wait for this: see worker.service)."""
+        return self._inbox.unfinished_tasks == 0
+
     def _run(self) -> None:
         while True:
             kind, payload = self._inbox.get()
             if kind == "stop":
+                self._inbox.task_done()
                 return
-            try:
-                if kind == "release":
-                    self._release(payload)
-                    continue
-                outcomes = list(payload)
-                while len(outcomes) < MAX_PER_TRANSACTION:  # whatever else has arrived goes in the same one
+            items = [(kind, payload)]
+            if kind == "record":  # whatever else has arrived goes in the same transaction
+                while sum(len(p) for _, p in items) < MAX_PER_TRANSACTION:
                     try:
-                        kind2, more = self._inbox.get_nowait()
+                        nxt = self._inbox.get_nowait()
                     except queue.Empty:
                         break
-                    if kind2 != "record":
-                        self._inbox.put((kind2, more))  # keep order roughly; handled next round
+                    items.append(nxt)
+                    if nxt[0] != "record":
                         break
-                    outcomes += more
-                self._record(outcomes)
+            try:
+                outcomes = [o for k, p in items if k == "record" for o in p]
+                if outcomes:
+                    self._record(outcomes)
+                for k, p in items:
+                    if k == "release":
+                        self._release(p)
+                    elif k == "stop":
+                        return
             except Exception:  # noqa: BLE001 - a bug here must not stop recording for good
                 log.exception("recording failed; the requests stay running and come back through reconcile")
+            finally:
+                for _ in items:
+                    self._inbox.task_done()
 
     def _record(self, outcomes: list[lifecycle.Outcome]) -> None:
         try:

@@ -147,17 +147,17 @@ class WorkerService:
     def _admit(self) -> bool:
         suspect = self.feed.next_suspect()
         if suspect is not None or self._isolating:
-            if not self.stepper.idle:
-                return False  # drain first: suspects run apart from everything else
+            if not self.stepper.idle or not self.recorder.idle():
+                return False  # drain first (results recorded too): suspects run apart from everything else
             if suspect is None:
                 self._isolating = False
             else:
                 self._isolating = True
-                return self._claim_and_admit(self.feed.take_message(suspect))
+                return self._claim_and_admit(self.feed.take_message(suspect), suspects=True)
         plan = self.stepper.admission(self.feed.waiting())
         return bool(plan) and self._claim_and_admit(self.feed.take(plan))
 
-    def _claim_and_admit(self, taken: list[tuple[Message, int]]) -> bool:
+    def _claim_and_admit(self, taken: list[tuple[Message, int]], *, suspects: bool = False) -> bool:
         if not taken:
             return False
         refs: dict[str, list[int]] = defaultdict(list)
@@ -165,7 +165,8 @@ class WorkerService:
             refs[message.job_id].append(idx)
         w = self.settings.worker
         claim = with_db_retry(self.sessions, lambda s: lifecycle.claim_requests(
-            s, refs=refs, worker_id=self.worker_id, deployment=self.deployment.id, max_attempts=w.max_attempts),
+            s, refs=refs, worker_id=self.worker_id, deployment=self.deployment.id, max_attempts=w.max_attempts,
+            suspects=suspects),
             what="claiming requests")
         self.feed.settle(taken)  # claimed or not, these references are done with: their messages may be acked
         if claim.gave_up:
