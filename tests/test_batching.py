@@ -19,9 +19,11 @@ def admit(waiting, running=None, merged=None, weights="auto", size=8, max_adapte
 @pytest.mark.parametrize(
     "case, expected",
     [
-        # separate: any adapter joins, in the caller's order, up to the free slots
-        (dict(waiting={"a": 5, "base": 5}, weights="separate"), ({"a": 5, "base": 3}, None)),
-        (dict(waiting={"a": 5, "b": 5}, running={"c": 6}, weights="separate"), ({"a": 2}, None)),
+        # separate: any adapter joins, one of each in turn (the caller's order), up to the free slots
+        (dict(waiting={"a": 5, "base": 5}, weights="separate"), ({"a": 4, "base": 4}, None)),
+        (dict(waiting={"a": 1, "base": 9}, weights="separate"), ({"a": 1, "base": 7}, None)),
+        (dict(waiting={"a": 5, "b": 5}, running={"c": 6}, weights="separate"), ({"a": 1, "b": 1}, None)),
+        (dict(waiting={"a": 5, "b": 5, "d": 5}, running={"c": 5}, weights="separate"), ({"a": 1, "b": 1, "d": 1}, None)),
         # ... with at most max_adapters distinct adapters in the batch (base does not count)
         (dict(waiting={"b": 2, "c": 2, "base": 2}, running={"a": 1}, weights="separate", max_adapters=2),
          ({"b": 2, "base": 2}, None)),

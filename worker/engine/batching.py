@@ -98,16 +98,26 @@ def _stays_merged(waiting: Mapping[str, int], merged: str, free: int) -> bool:
 
 
 def _take_any(waiting: Mapping[str, int], free: int, running: Mapping[str, int], max_adapters: int) -> dict[str, int]:
-    """Rows in the caller's order, while the batch holds at most ``max_adapters`` distinct adapters (base aside)."""
+    """One row of each adapter in turn (the caller's order) until the free slots are taken, while the batch
+    holds at most ``max_adapters`` distinct adapters (base aside).
+
+    Taking in turn, not adapter after adapter: the caller's queue is usually sorted (by priority, or by prompt
+    length in Engine.generate), and the first rows of every adapter are what it would admit first.
+    """
     adapters = {name for name in running if name != BASE}
-    counts: dict[str, int] = {}
-    for name, n in waiting.items():
-        if free <= 0:
-            break
-        if name != BASE and name not in adapters:
-            if len(adapters) >= max_adapters:
-                continue
+    allowed = []
+    for name in waiting:
+        if name == BASE or name in adapters or len(adapters) < max_adapters:
             adapters.add(name)
-        counts[name] = min(n, free)
-        free -= counts[name]
+            allowed.append(name)
+    counts: dict[str, int] = {}
+    while free > 0:
+        progressed = False
+        for name in allowed:
+            if free > 0 and counts.get(name, 0) < waiting[name]:
+                counts[name] = counts.get(name, 0) + 1
+                free -= 1
+                progressed = True
+        if not progressed:
+            break
     return counts
