@@ -71,7 +71,8 @@ class WorkerSettings(_Section):
     metrics_port: int | None = Field(None, ge=1, le=65535)
     """Serve Prometheus metrics on this port (None: off)."""
     gather_seconds: float = Field(0.2, ge=0)
-    """How long the engine waits for the next piece of work before starting a batch that is not full."""
+    """Unused since continuous batching (rows join a running batch as others end); still accepted so
+    that round-1 configuration files keep working."""
     lease_seconds: float = Field(30.0, gt=0)
     """A running request whose worker has not sent a heartbeat for this long is put back."""
     heartbeat_seconds: float = Field(5.0, gt=0)
