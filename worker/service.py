@@ -154,11 +154,12 @@ class WorkerService:
             else:
                 self._isolating = True
                 return self._claim_and_admit(self.feed.take_message(suspect), suspects=True)
-        plan = self.stepper.admission(self.feed.waiting())
-        return bool(plan) and self._claim_and_admit(self.feed.take(plan))
+        plan = self.stepper.admission(self.feed.waiting())  # also decides the weights mode the next admit applies
+        return self._claim_and_admit(self.feed.take(plan) if plan else [])
 
     def _claim_and_admit(self, taken: list[tuple[Message, int]], *, suspects: bool = False) -> bool:
         if not taken:
+            self.stepper.admit([])  # applies the weights mode admission() chose, even with nothing to admit
             return False
         refs: dict[str, list[int]] = defaultdict(list)
         for message, idx in taken:
@@ -177,8 +178,7 @@ class WorkerService:
             self._adapters[key] = r.adapter
             requests.append(GenerationRequest(key=key, adapter=r.adapter, prompt=r.prompt, messages=r.messages,
                                               params=SamplingParams(**{**r.params, "stop": tuple(r.params.get("stop", ()))})))
-        if requests:
-            self._finished(self.stepper.admit(requests))
+        self._finished(self.stepper.admit(requests))
         return bool(requests)
 
     def _finished(self, results: list[GenerationResult]) -> None:
