@@ -30,8 +30,16 @@ EPOCH_KEY = "lorabatch:epoch"
 by reconcile, never by a producer: when it is missing or names another run_id, Redis restarted (or was
 flushed) since, and may have lost messages: reconcile refills every queued request from SQL."""
 CHUNK_SIZE = 16
-"""Requests per queue message. Small, so a worker holds little beyond what it runs (a message is
-acknowledged once all its requests are admitted) and several workers share even a small job."""
+"""Requests per queue message for jobs up to 16k requests: small, so several workers share even a
+small job. Larger jobs get larger messages (chunk_size_for: publishing costs about a millisecond per
+message); a worker keeps what fits its holdings and sends the rest of a large message back to the
+queue (worker.service.WorkerService.hold), so a large message never makes one worker hoard work."""
+MAX_CHUNK_SIZE = 256
+
+
+def chunk_size_for(total: int) -> int:
+    """Requests per message for a job of `total` requests: 16 up to 16k requests, then growing to 256."""
+    return max(CHUNK_SIZE, min(MAX_CHUNK_SIZE, total // 1000))
 EMBEDDED_START_SECONDS = 10.0
 
 
@@ -89,7 +97,7 @@ def enqueue(app: Celery, job_id: str, adapter: str, idxs: list[int], *, priority
     queue = queue_name(deployment)
     with app.producer_or_acquire() as producer:
         for chunk in chunks:
-            app.send_task(RUN_TASK, args=[job_id, adapter, chunk, suspect], queue=queue,
+            app.send_task(RUN_TASK, args=[job_id, adapter, chunk, suspect, priority], queue=queue,
                           priority=celery_priority(priority), producer=producer)
     return len(chunks)
 

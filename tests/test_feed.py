@@ -73,3 +73,17 @@ def test_engine_failure_gives_back_everything_even_mid_claim():
     assert [m.pending for m in back] == [[0, 1, 2]]
     feed.release(back, requeue=True)
     assert a.done.is_set() and a.requeue
+
+
+def test_a_large_message_is_trimmed_to_what_the_worker_should_hold():
+    """Big jobs send up to 256 references per message; the feed keeps about two batches, the rest goes back."""
+    feed = Feed()
+    small, big = Message("j1", "sft", list(range(10))), Message("j2", "sft", list(range(256)))
+    held(feed, small, big)
+    excess = feed.trim(big, 64)
+    assert excess == list(range(54, 256)) and feed.held() == 64
+    assert feed.trim(big, 64) == [], "nothing more to trim"
+    feed.hold_more(big, excess[:2])
+    assert feed.held() == 66
+    feed.settle(feed.take({"sft": 66}))
+    assert small.done.is_set() and big.done.is_set()

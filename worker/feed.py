@@ -112,6 +112,26 @@ class Feed:
                 m.taken -= 1
             self._finish_done()
 
+    def trim(self, message: Message, keep_at_most: int) -> list[int]:
+        """Take back the references of `message` beyond what the feed should hold (`keep_at_most`
+        pending references in all): returns them, for the caller to send back to the queue."""
+        with self._lock:
+            excess = min(len(message.pending), sum(len(m.pending) for m in self._messages) - keep_at_most)
+            if excess <= 0 or message.suspect:
+                return []
+            cut, message.pending = message.pending[-excess:], message.pending[:-excess]
+            self._finish_done()
+            return cut
+
+    def hold_more(self, message: Message, idxs: list[int]) -> None:
+        """Undo a trim whose references could not be sent back."""
+        with self._lock:
+            message.pending += idxs
+            if message not in self._messages:
+                self._messages.append(message)
+                message.done.clear()
+            self._lock.notify_all()
+
     def give_back(self, *, everything: bool = False) -> list[Message]:
         """Shutdown: nothing more is taken; returns the messages with pending references (`pending`
         lists them) for the caller to publish again, then `release`. With `everything` (the engine

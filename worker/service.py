@@ -36,7 +36,7 @@ from collections.abc import Hashable
 
 from lorabatch.schemas.errors import LorabatchError
 from lorabatch.schemas.settings import Settings
-from lorabatch.store import lifecycle, outbox
+from lorabatch.store import broker, lifecycle, outbox
 from lorabatch.store.context import Context
 from lorabatch.store.deployment import Deployment
 from lorabatch.store.reconcile import publish_owed
@@ -112,12 +112,25 @@ class WorkerService:
 
     # ---- called from Celery threads
 
-    def hold(self, job_id: str, adapter: str, idxs: list[int], suspect: int = 0) -> bool:
+    def hold(self, job_id: str, adapter: str, idxs: list[int], suspect: int = 0, *, priority: int = 5) -> bool:
         """Hold one message until all its references are admitted (or unclaimable, or handed back).
-        False: the message must go back to Redis as it is (reject it)."""
+        False: the message must go back to Redis as it is (reject it).
+
+        A large message (big jobs get up to 256 references per message) is cut to what the worker
+        should hold, about two batches; the rest goes back to the queue at once as a new message, for
+        this or another worker. If this worker dies before acknowledging the original, both copies
+        exist: harmless, one claim wins."""
         message = Message(job_id, adapter, list(idxs), suspect, pending=list(idxs))
         if self._stopping.is_set() or not self.feed.hold(message):
             return self._publish_again([message])
+        keep = 2 * self.settings.worker.max_batch_size
+        if len(idxs) > broker.CHUNK_SIZE and (excess := self.feed.trim(message, keep)):
+            try:
+                broker.enqueue(self.app, job_id, adapter, excess, priority=priority, deployment=self.deployment.id,
+                               chunk_size=broker.MAX_CHUNK_SIZE)
+            except Exception as e:  # noqa: BLE001 - keep them: the message is not acknowledged until they ran
+                log.warning("could not send back part of a large message (%s); keeping it", e)
+                self.feed.hold_more(message, excess)
         message.done.wait()
         return not message.requeue
 

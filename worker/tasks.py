@@ -25,7 +25,7 @@ def register(app: Celery, service: WorkerService) -> None:
     """Register the run task on `app`, bound to this process's service."""
 
     @app.task(name=broker.RUN_TASK, acks_late=True, reject_on_worker_lost=True)
-    def run(job_id: str, adapter: str, idxs: list[int], suspect: int = 0) -> dict:
-        if not service.hold(job_id, adapter, idxs, suspect):
+    def run(job_id: str, adapter: str, idxs: list[int], suspect: int = 0, priority: int = 5) -> dict:
+        if not service.hold(job_id, adapter, idxs, suspect, priority=priority):
             raise Reject("shutting down with the database unreachable: back to the queue", requeue=True)
         return {"admitted_or_skipped": len(idxs)}
