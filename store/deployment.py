@@ -32,8 +32,8 @@ class Deployment:
     """16 hex digits: a digest of `base` and `adapters`."""
     base: str
     """The base model's identity (see the module docstring)."""
-    adapters: dict[str, str] = field(default_factory=dict)
-    """Adapter name -> sha256 of its weights (or "missing:<path>")."""
+    adapters: dict[str, str | None] = field(default_factory=dict)
+    """Adapter name -> sha256 of its weights (None when its files are missing here)."""
 
     @property
     def queue(self) -> str:
@@ -44,8 +44,9 @@ class Deployment:
 def deployment_of(settings: Settings) -> Deployment:
     """The deployment these settings describe (hashes adapter weights; about 30 ms per 10 MB)."""
     base = base_identity(settings)
-    adapters = {name: adapter_digest(settings.adapter_dir(name)) for name in sorted(settings.adapters)}
-    digest = hashlib.sha256(json.dumps({"base": base, "adapters": adapters}, sort_keys=True).encode()).hexdigest()
+    identity = {name: adapter_digest(settings.adapter_dir(name)) for name in sorted(settings.adapters)}
+    digest = hashlib.sha256(json.dumps({"base": base, "adapters": identity}, sort_keys=True).encode()).hexdigest()
+    adapters = {name: None if d.startswith("missing:") else d for name, d in identity.items()}
     return Deployment(id=digest[:16], base=base, adapters=adapters)
 
 

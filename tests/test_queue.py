@@ -259,3 +259,24 @@ def test_submit_does_not_hold_the_write_lock_while_it_reads(config_path, tmp_pat
     assert r.returncode == 0, r.stderr
     print(f"\nheartbeats during a 20,000-line submit: {len(waits)}, longest wait {max(waits):.3f}s")
     assert len(waits) > 10
+
+
+def test_a_result_the_database_refuses_fails_that_request_never_strands_it(config_path, tmp_path, ctx, database_url):
+    """PostgreSQL refuses a value (here a provenance field too long for its column): the recorder records
+    that request as failed with the reason, and its neighbour as it was; nothing stays running."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite stores any length: only PostgreSQL refuses this value")
+    from lorabatch.worker.recorder import Recorder
+
+    job_id = submit(config_path, tmp_path / "in.jsonl", lines(2))
+    with transaction(ctx.sessions) as s:
+        lifecycle.claim_requests(s, refs={job_id: [0, 1]}, worker_id="w1", deployment=ctx.deployment.id,
+                                 max_attempts=3)
+    recorder = Recorder(ctx.sessions, ctx.celery, worker_id="w1")
+    recorder.put([lifecycle.Outcome(job_id, 0, "fine", "stop", 2, 2, adapter_sha256="x" * 100),
+                  lifecycle.Outcome(job_id, 1, "fine too", "stop", 2, 2)])
+    recorder.close(timeout=60)
+    with ctx.sessions() as s:
+        rows = s.execute(select(Request).where(Request.job_id == job_id).order_by(Request.idx)).scalars().all()
+    assert rows[0].state == "failed" and "could not be stored" in rows[0].error
+    assert (rows[1].state, rows[1].output) == ("succeeded", "fine too")

@@ -109,11 +109,15 @@ class Recorder:
             return with_db_retry(self.sessions, lambda s: lifecycle.record_outcomes(
                 s, worker_id=self.worker_id, outcomes=[o]), what="recording a result")
         except DBAPIError as e:
-            error = f"the result could not be stored ({type(e.orig or e).__name__}); it is lost, run the request again"
-            failed = lifecycle.Outcome(o.job_id, o.idx, None, None, o.prompt_tokens, o.completion_tokens, error=error,
-                                       base_model=o.base_model, adapter_sha256=o.adapter_sha256)
+            log.warning("the database refused the result of request %s of %s: %s", o.idx, o.job_id, e.orig or e)
+            error = f"the result could not be stored ({type(e.orig or e).__name__}); run the request again"
+            failed = lifecycle.Outcome(o.job_id, o.idx, None, None, o.prompt_tokens, o.completion_tokens, error=error)
+        try:
             return with_db_retry(self.sessions, lambda s: lifecycle.record_outcomes(
                 s, worker_id=self.worker_id, outcomes=[failed]), what="recording a failure")
+        except DBAPIError:  # not even the failure: never leave it running under a live worker
+            self._release([(o.job_id, o.idx)])
+            return 0
 
     def _release(self, keys: list[tuple[str, int]]) -> None:
         def release(session: Session) -> list[int]:
