@@ -44,7 +44,8 @@ max_file_bytes = 2147483648
 
 # [service]
 # With no broker URL lorabatch runs an embedded Redis; with no database URL, SQLite. Both live
-# in state_dir (default ~/.local/state/lorabatch). LORABATCH_BROKER_URL and LORABATCH_DATABASE_URL
+# in state_dir (default .lorabatch/ beside this file: one queue and database per project).
+# LORABATCH_BROKER_URL and LORABATCH_DATABASE_URL
 # override these.
 # broker_url = "redis://localhost:6379/0"
 # database_url = "postgresql+psycopg://lorabatch@localhost/lorabatch"

@@ -15,8 +15,8 @@ from lorabatch.schemas.errors import UsageError
 @click.option("--addr", default="0.0.0.0", show_default=True, help="Address to listen on with --serve.")
 @click.pass_context
 def metrics_command(click_ctx, port, addr) -> None:
-    """Print the job counters (jobs per state, queue depth per job and priority) in Prometheus' text
-    format, or serve them with --serve PORT for Prometheus to scrape."""
+    """Print the job counters (jobs per state, queue depth per job and priority) for Prometheus, or
+    serve them with --serve PORT."""
     from prometheus_client import generate_latest, start_http_server
 
     from lorabatch.producer.metrics import job_registry
