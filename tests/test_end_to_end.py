@@ -142,3 +142,11 @@ def test_demo_command_runs_the_main_job(tmp_path):
         from lorabatch.store import broker
 
         broker.stop_embedded_redis(tmp_path / "state")
+
+
+def test_worker_names_broken_adapters_at_start(config_path, tmp_path, start_worker):
+    """An adapter whose folder is missing is named in the worker's log at start, with the reason."""
+    text = config_path.read_text().replace("[adapters]\n", f'[adapters]\nghost = "{tmp_path / "no-such-adapter"}"\n', 1)
+    config_path.write_text(text)
+    w = start_worker()
+    assert "adapter 'ghost' cannot be used" in w.read_log()

@@ -215,6 +215,7 @@ def test_metrics_after_a_real_job(config_path, tmp_path, ctx, start_worker):
     steps = got[("lorabatch_decode_steps_total", ())]
     assert 6 <= steps <= 36 and got[("lorabatch_decode_step_seconds_count", ())] == steps
     assert got[("lorabatch_batch_max_rows", ())] == 4
+    assert got.get(("lorabatch_adapter_events_total", (("kind", "load"),)), 0) == 1, "sft was loaded once"
     assert 0 < got[("lorabatch_batch_fill_ratio_sum", ())] <= steps
 
     r = CliRunner().invoke(metrics_command, [], obj={"config": str(config_path)}, catch_exceptions=False)

@@ -47,6 +47,9 @@ def run_worker(settings: Settings, *, concurrency: int | None = None, weights: s
         from lorabatch.worker.engine.engine import Engine
 
         engine = Engine.from_settings(settings)
+    _check_adapters(engine)
+    if metrics is not None and hasattr(engine, "adapters"):
+        engine.adapters.on_event = metrics.adapter_event
     service = WorkerService(settings, engine, context=context, metrics=metrics)
     tasks.register(service.app, service)
     worker_shutting_down.connect(lambda **_: service.stop(), weak=False)
@@ -69,6 +72,18 @@ def run_worker(settings: Settings, *, concurrency: int | None = None, weights: s
     if service.failure is not None:
         raise EngineFailed(f"the engine failed ({type(service.failure).__name__}: {service.failure}); its work "
                            "went back to the queue; restart the worker (see its log)")
+
+
+def _check_adapters(engine) -> None:
+    """Say at start which configured adapters cannot be used (their requests will fail with the reason)."""
+    from lorabatch.schemas.errors import AdapterError
+
+    adapters = getattr(engine, "adapters", None)  # the instant engine has none
+    for name in sorted(adapters.configured() if adapters is not None else {}):
+        try:
+            adapters.spec(name)
+        except AdapterError as e:
+            log.warning("adapter %r cannot be used: %s", name, e)
 
 
 def _metrics(settings: Settings):

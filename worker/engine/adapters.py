@@ -61,6 +61,8 @@ class AdapterManager:
         self._layers: list[Any] = []
         self._weights = MergedWeights()
         self._warned: set[tuple[str, Path]] = set()  # base model mismatches already logged
+        self.on_event: Callable[[str], None] | None = None
+        """Told "load", "load_failed", "eviction" or "merge_switch" as they happen (the worker counts them)."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AdapterManager:
@@ -163,6 +165,7 @@ class AdapterManager:
             warnings.simplefilter("ignore")
             self._peft.delete_adapter(name)
         del self._resident[name]
+        self._tell("eviction")
         log.info("adapter %r unloaded", name)
 
     def _load_weights(self, spec: AdapterSpec) -> None:
@@ -179,10 +182,12 @@ class AdapterManager:
                 self._peft.load_adapter(spec.path, adapter_name=spec.name, is_trainable=False)
         except Exception as e:  # noqa: BLE001 - safetensors, PEFT and torch raise many kinds; all mean "cannot load"
             self._discard_partial(spec.name)
+            self._tell("load_failed")
             raise AdapterError(
                 f"adapter {spec.name!r}: loading {spec.path} failed ({type(e).__name__}: {e}); re-save the adapter."
             ) from e
         self._model.eval()
+        self._tell("load")
         log.info("adapter %r loaded from %s", spec.name, spec.path)
 
     def _discard_partial(self, name: str) -> None:
@@ -212,6 +217,11 @@ class AdapterManager:
         self._weights.restore()
         self._peft.set_adapter(name, inference_mode=True)  # layers without this adapter then add nothing
         self._weights.merge(name, self._layers)
+        self._tell("merge_switch")
+
+    def _tell(self, event: str) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
 
     def restore_base_weights(self) -> None:
         """Put the pristine base weights back (a bit-exact copy, not a subtraction)."""
