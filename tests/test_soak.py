@@ -16,10 +16,10 @@ pytestmark = pytest.mark.slow
 
 def test_references_in_redis_are_read_back(tmp_path, ctx):
     """The soak's sampler sees every reference a submit publishes (else 'no message' could not be measured)."""
+    from bench.soak import write_config
     from lorabatch.producer.submit import submit_file
     from lorabatch.schemas.settings import load_settings
     from lorabatch.store.context import Context
-    from bench.soak import write_config
 
     redis = RedisServer(tmp_path / "redis")
     redis.start()
