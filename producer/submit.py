@@ -31,6 +31,7 @@ from lorabatch.store import broker, lifecycle, outbox
 from lorabatch.store.context import Context
 from lorabatch.store.db import transaction
 from lorabatch.store.reconcile import publish_owed
+from lorabatch.store.retry import with_db_retry
 
 INSERT_CHUNK = 2000
 """Rows per INSERT statement while creating a job."""
@@ -165,8 +166,8 @@ def _insert_valid_requests(ctx: Context, job_id: str, path: Path, *, default_ada
 
 
 def _insert(ctx: Context, rows: list[dict]) -> None:
-    with transaction(ctx.sessions) as session:
-        lifecycle.add_requests(session, rows)
+    # Busy workers may hold SQLite's write lock past the busy timeout: a collision, retried.
+    with_db_retry(ctx.sessions, lambda session: lifecycle.add_requests(session, rows), what="inserting requests")
 
 
 def _has_nul(value) -> bool:

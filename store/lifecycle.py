@@ -255,9 +255,7 @@ def record_outcomes(session: Session, *, worker_id: str, outcomes: Sequence[Outc
     by_key = {(o.job_id, o.idx): o for o in outcomes}
     if not by_key:
         return 0
-    wanted: dict[str, list[int]] = defaultdict(list)
-    for job_id, idx in by_key:
-        wanted[job_id].append(idx)
+    wanted = _by_job(by_key)
     jobs = _lock_jobs(session, wanted, missing_ok=True)
     rows = _locked_requests(session, {j: wanted[j] for j in sorted(jobs)}, state=R, worker_id=worker_id)
     now = utcnow()
@@ -283,9 +281,7 @@ def release_requests(session: Session, *, worker_id: str, keys: Iterable[tuple[s
                      uncharge: bool = True) -> int:
     """Hand requests this worker holds back to the queue, with the messages owed (warm shutdown, an
     engine failure, preemption). `uncharge`: the attempt does not count (the request did no harm)."""
-    wanted: dict[str, list[int]] = defaultdict(list)
-    for job_id, idx in keys:
-        wanted[job_id].append(idx)
+    wanted = _by_job(keys)
     if not wanted:
         return 0
     jobs = _lock_jobs(session, wanted, missing_ok=True)
@@ -307,9 +303,7 @@ def orphaned_requests(session: Session, *, lease: timedelta, max_attempts: int, 
     keys = session.execute(select(Request.job_id, Request.idx).where(orphan)).all()
     if not keys:
         return 0
-    wanted: dict[str, list[int]] = defaultdict(list)
-    for job_id, idx in keys:
-        wanted[job_id].append(idx)
+    wanted = _by_job(keys)
     jobs = _lock_jobs(session, wanted, missing_ok=True)
     rows = [r for r in _locked_requests(session, {j: wanted[j] for j in sorted(jobs)}, state=R)
             if r.worker_id is None or r.worker_id != alive]
@@ -342,6 +336,14 @@ def _requeue(session: Session, jobs: dict[str, Job], rows: Sequence[Request], *,
         else:
             owe_messages(session, job_id, idxs, suspect=suspect)
     return [r for r in rows if r.state == Q.value]
+
+
+def _by_job(keys: Iterable[tuple[str, int]]) -> dict[str, list[int]]:
+    """(job_id, idx) pairs -> {job_id: idxs}."""
+    wanted: dict[str, list[int]] = defaultdict(list)
+    for job_id, idx in keys:
+        wanted[job_id].append(idx)
+    return wanted
 
 
 def _lock_jobs(session: Session, job_ids: Iterable[str], *, missing_ok: bool = False) -> dict[str, Job]:

@@ -3,7 +3,7 @@ the state change that owes them, published after the commit (store.reconcile.pub
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from datetime import timedelta
 
 from sqlalchemy import delete, select
@@ -64,13 +64,14 @@ def owe_all_queued(session: Session) -> int:
     return len(job_ids)
 
 
-def queued_refs(session: Session, job_id: str, idxs: list[int] | None) -> Iterator[tuple[bool, str, int]]:
-    """(suspect, adapter, idx) of those requests that are still queued, fresh ones first, in (adapter,
-    idx) order. A suspect started before (attempts > 0) and its worker died: whatever message owed it,
-    it is published as a suspect, since ordinary claims skip it (lifecycle.claim_requests)."""
+def queued_refs(session: Session, job_id: str, idxs: list[int] | None, *, after: int = -1,
+                limit: int = 4096) -> list[tuple[bool, str, int]]:
+    """(suspect, adapter, idx) of those requests that are still queued, the next `limit` after index
+    `after` (a page: callers read a job of millions page by page, each in its own short transaction).
+    A suspect started before (attempts > 0) and its worker died: whatever message owed it, it is
+    published as a suspect, since ordinary claims skip it (lifecycle.claim_requests)."""
     stmt = select(Request.attempts > 0, Request.adapter, Request.idx).where(
-        Request.job_id == job_id, Request.state == RequestState.QUEUED.value)
+        Request.job_id == job_id, Request.state == RequestState.QUEUED.value, Request.idx > after)
     if idxs is not None:
         stmt = stmt.where(Request.idx.in_(idxs))
-    stmt = stmt.order_by(Request.attempts > 0, Request.adapter, Request.idx).execution_options(yield_per=4096)
-    return (tuple(r) for r in session.execute(stmt))  # streamed: a job may have millions
+    return [tuple(r) for r in session.execute(stmt.order_by(Request.idx).limit(limit))]

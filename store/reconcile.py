@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from itertools import groupby, islice
+from itertools import groupby
 
 from celery import Celery
 from sqlalchemy import update
@@ -97,21 +97,24 @@ def publish_owed(sessions: sessionmaker[Session], app: Celery, *, ids: list[int]
 
 def _publish_row(sessions: sessionmaker[Session], app: Celery, row_id: int, job_id: str, idxs: list[int] | None, *,
                  suspect: int, deployment: str | None, priority: int) -> int:
-    sent = 0
+    sent, after = 0, -1
     with sessions() as session:
         chunk = broker.chunk_size_for(session.get(Job, job_id).total) if idxs is None else broker.CHUNK_SIZE
-        refs = outbox.queued_refs(session, job_id, idxs)
-        while part := list(islice(refs, PUBLISH_BATCH)):
-            for (was_run, adapter), group in groupby(part, key=lambda r: r[:2]):
-                idxs = [idx for _, _, idx in group]
-                if was_run and not suspect:  # owed as ordinary work (a refill, a hand-back): run alone, to be safe
-                    for idx in idxs:
-                        sent += broker.enqueue(app, job_id, adapter, [idx], priority=priority, deployment=deployment,
-                                               suspect=outbox.SUSPECT_ALONE)
-                else:
-                    sent += broker.enqueue(app, job_id, adapter, idxs, priority=priority, deployment=deployment,
-                                           suspect=suspect, chunk_size=chunk)
-            if len(part) == PUBLISH_BATCH:
-                with transaction(sessions) as s:  # still publishing: keep other publishers off this row
-                    s.execute(update(Outbox).where(Outbox.id == row_id).values(created_at=db_now(s)))
-    return sent
+    while True:
+        with sessions() as session:  # a page per short transaction: on SQLite every transaction takes the write lock
+            part = outbox.queued_refs(session, job_id, idxs, after=after, limit=PUBLISH_BATCH)
+        if not part:
+            return sent
+        after = part[-1][2]
+        for (was_run, adapter), group in groupby(sorted(part), key=lambda r: r[:2]):
+            idxs_ = [idx for _, _, idx in group]
+            if was_run and not suspect:  # owed as ordinary work (a refill, a hand-back): run alone, to be safe
+                for idx in idxs_:
+                    sent += broker.enqueue(app, job_id, adapter, [idx], priority=priority, deployment=deployment,
+                                           suspect=outbox.SUSPECT_ALONE)
+            else:
+                sent += broker.enqueue(app, job_id, adapter, idxs_, priority=priority, deployment=deployment,
+                                       suspect=suspect, chunk_size=chunk)
+        if len(part) == PUBLISH_BATCH:
+            with transaction(sessions) as s:  # still publishing: keep other publishers off this row
+                s.execute(update(Outbox).where(Outbox.id == row_id).values(created_at=db_now(s)))

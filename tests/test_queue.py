@@ -247,7 +247,7 @@ def test_submit_does_not_hold_the_write_lock_while_it_reads(config_path, tmp_pat
             with transaction(ctx.sessions) as s:
                 lifecycle.heartbeat(s, worker_id="w-beat", hostname="h", pid=1)
             waits.append(time.monotonic() - t0)
-            time.sleep(0.02)
+            time.sleep(0.1)
 
     t = threading.Thread(target=heartbeats)
     t.start()
@@ -258,7 +258,7 @@ def test_submit_does_not_hold_the_write_lock_while_it_reads(config_path, tmp_pat
         t.join()
     assert r.returncode == 0, r.stderr
     print(f"\nheartbeats during a 20,000-line submit: {len(waits)}, longest wait {max(waits):.3f}s")
-    assert len(waits) > 10
+    assert len(waits) > 5
 
 
 def test_a_result_the_database_refuses_fails_that_request_never_strands_it(config_path, tmp_path, ctx, database_url):
