@@ -175,18 +175,10 @@ class Client:
                                      idempotency_key=idempotency_key)
 
     def _submit_file(self, source: str, *, adapter, name, priority, idempotency_key) -> Job:
-        from lorabatch.producer import inputs
         from lorabatch.producer.submit import submit_file
-        from lorabatch.schemas.errors import InvalidInput
 
-        inputs.check_input_path(source)
-        try:
-            result = submit_file(self.context, source, adapter=adapter, name=name, priority=priority,
-                                 idempotency_key=idempotency_key)
-        except InvalidInput as e:
-            if e.problems:  # the same message as `lorabatch run` (and one line when no config was found)
-                raise InvalidInput(inputs.problem_message(source, e.problems, settings=self.settings), e.problems) from None
-            raise
+        result = submit_file(self.context, source, adapter=adapter, name=name, priority=priority,
+                             idempotency_key=idempotency_key)
         return Job(self, result.job_id, submitted=result)
 
     def jobs(self, state: str | None = None, *, limit: int = 100) -> list[dict]:

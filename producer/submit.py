@@ -14,17 +14,16 @@ import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from lorabatch.producer import inputs
 from lorabatch.producer.prompt_check import PromptLengthCheck
 from lorabatch.schemas.errors import InvalidInput, UsageError
-from lorabatch.schemas.lines import LineError, RequestSpec, parse_line
 from lorabatch.schemas.settings import BASE_ADAPTER
 from lorabatch.schemas.tables import Job
 from lorabatch.store import broker, lifecycle, outbox
@@ -37,7 +36,6 @@ INSERT_CHUNK = 2000
 """Rows per INSERT statement while creating a job."""
 ENQUEUE_BATCH = 4096
 """References read from the database per round while enqueuing (a multiple of the message size)."""
-MAX_PROBLEMS_SHOWN = 20
 
 
 @dataclass
@@ -65,27 +63,25 @@ def submit_file(ctx: Context, source: str, *, adapter: str | None = None, name: 
         job_id = "job-" + uuid.uuid4().hex[:16]
         try:
             with transaction(ctx.sessions) as session:  # hidden until complete: total 0, no message owed
-                session.add(Job(id=job_id, name=name or Path(display).name, priority=priority,
-                                idempotency_key=idempotency_key, source=display, schedule=schedule,
-                                deployment=ctx.deployment.id, content_hash=content_hash, total=0, n_queued=0))
+                lifecycle.create_job(session, job_id=job_id, name=name or Path(display).name, priority=priority,
+                                     idempotency_key=idempotency_key, source=display, schedule=schedule,
+                                     deployment=ctx.deployment.id, content_hash=content_hash)
         except IntegrityError:
             existing = _job_for_key(ctx, idempotency_key) if idempotency_key else None
             if existing:  # another submit with the same key won the race
                 return _same_content(existing, content_hash, idempotency_key)
             raise
         try:
-            total = _insert_valid_requests(ctx, job_id, path, default_adapter=adapter)
+            total = _insert_valid_requests(ctx, job_id, path, display, default_adapter=adapter)
         except BaseException:
             with transaction(ctx.sessions) as session:  # no partial job: its requests go with it
-                session.execute(delete(Job).where(Job.id == job_id))
+                lifecycle.delete_job(session, job_id)
             raise
         with transaction(ctx.sessions) as session:
-            job = session.get(Job, job_id)
-            job.total = job.n_queued = total
-            outbox.owe_messages(session, job_id, None)
+            lifecycle.open_job(session, job_id, total)
             owed = outbox.owed_ids(session)
     # Committed, then published. If this process dies in between, the outbox row stays and a
-    # worker's reconcile round publishes it (reconcile.OUTBOX_GRACE_SECONDS later).
+    # worker's reconcile round publishes it ([worker] publish_grace_seconds later).
     messages = publish_owed(ctx.sessions, ctx.celery, ids=owed)
     return Submitted(job_id, total, created=True, messages=messages)
 
@@ -118,7 +114,7 @@ def _check_size(ctx: Context, path: Path) -> None:
         )
 
 
-def _insert_valid_requests(ctx: Context, job_id: str, path: Path, *, default_adapter: str | None) -> int:
+def _insert_valid_requests(ctx: Context, job_id: str, path: Path, display: str, *, default_adapter: str | None) -> int:
     """One pass over the file: insert requests, INSERT_CHUNK rows per transaction, while every line so
     far is valid; after the first problem keep reading only to report every bad line, then raise
     InvalidInput (the caller deletes the job and what was inserted). Short transactions, so that on
@@ -130,7 +126,7 @@ def _insert_valid_requests(ctx: Context, job_id: str, path: Path, *, default_ada
     too_long = PromptLengthCheck(ctx.settings)
     rows: list[dict] = []
     total = 0
-    for line_no, spec in _parsed_lines(ctx, path, default_adapter=default_adapter):
+    for line_no, spec in inputs.iter_specs(ctx.settings, path, default_adapter=default_adapter):
         if isinstance(spec, str):
             problems.append((line_no, spec))
             continue
@@ -153,12 +149,7 @@ def _insert_valid_requests(ctx: Context, job_id: str, path: Path, *, default_ada
             _insert(ctx, rows)
             rows = []
     if problems:
-        shown = "\n".join(f"  line {n}: {reason}" for n, reason in problems[:MAX_PROBLEMS_SHOWN])
-        more = f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
-        raise InvalidInput(
-            f"{path}: {len(problems)} invalid line(s); nothing was submitted. Fix them and submit again:\n{shown}{more}",
-            problems,
-        )
+        raise InvalidInput(inputs.problem_message(display, problems, settings=ctx.settings), problems)
     if total == 0:
         raise InvalidInput(f"{path} has no requests, only blank lines; give one JSON request per line.")
     _insert(ctx, rows)
@@ -180,19 +171,6 @@ def _has_nul(value) -> bool:
     return False
 
 
-def _parsed_lines(ctx: Context, path: Path, *, default_adapter: str | None) -> Iterator[tuple[int, RequestSpec | str]]:
-    adapters = frozenset(ctx.settings.adapters)
-    limits = ctx.settings.limits
-    with path.open("rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                yield line_no, parse_line(raw, line_no=line_no, adapters=adapters, limits=limits, default_adapter=default_adapter)
-            except LineError as e:
-                yield line_no, str(e)
-
-
 def _job_for_key(ctx: Context, key: str) -> Job | None:
     with ctx.sessions() as session:
         return session.execute(select(Job).where(Job.idempotency_key == key)).scalar_one_or_none()
@@ -212,10 +190,8 @@ class _opened:
             with path.open("wb") as out:
                 _copy(sys.stdin.buffer, out)
             return path, "<stdin>"
-        path = Path(self.source)
-        if not path.is_file():
-            raise UsageError(f"input file {self.source} does not exist; give the path of a JSONL file, or - for standard input.")
-        return path, str(path)
+        inputs.check_input_path(self.source)
+        return Path(self.source), self.source
 
     def __exit__(self, *exc) -> None:
         if self.tmp:

@@ -69,18 +69,30 @@ def get_job(session: Session, job_id: str) -> Job:
     return job
 
 
-def create_job(session: Session, *, job_id: str, total: int, name: str | None = None, priority: int = 5,
+def create_job(session: Session, *, job_id: str, name: str | None = None, priority: int = 5,
                idempotency_key: str | None = None, source: str | None = None, schedule: str | None = None,
                deployment: str | None = None, content_hash: str | None = None) -> Job:
-    """A new job whose `total` requests are all queued (insert them with `add_requests`), and the
-    outbox row that owes their messages (published after the commit by whoever created the job)."""
+    """A new job, hidden from workers until `open_job`: total 0 and no message owed, while its
+    requests are inserted in short transactions (`add_requests`)."""
     job = Job(id=job_id, name=name, priority=priority, idempotency_key=idempotency_key, source=source,
               schedule=schedule, deployment=deployment, content_hash=content_hash, state=JobState.QUEUED.value,
-              total=total, n_queued=total)
+              total=0, n_queued=0)
     session.add(job)
     session.flush()
-    owe_messages(session, job_id, None)
     return job
+
+
+def open_job(session: Session, job_id: str, total: int) -> None:
+    """Every request is in: the job's `total` requests are queued and their messages owed (the
+    caller publishes them after the commit; see store.outbox)."""
+    job = _lock_jobs(session, [job_id])[job_id]
+    job.total = job.n_queued = total
+    owe_messages(session, job_id, None)
+
+
+def delete_job(session: Session, job_id: str) -> None:
+    """A job and its requests, gone (a submit that failed before `open_job`)."""
+    session.execute(delete(Job).where(Job.id == job_id))
 
 
 def add_requests(session: Session, rows: Sequence[dict[str, Any]]) -> None:

@@ -160,8 +160,11 @@ class WorkerService:
     def _admit(self) -> bool:
         suspect = self.feed.next_suspect()
         if suspect is not None or self._isolating:
-            if not self.stepper.idle or not self.recorder.idle():
-                return False  # drain first (results recorded too): suspects run apart from everything else
+            if not self.stepper.idle:
+                return False  # drain first: suspects run apart from everything else
+            if not self.recorder.idle():
+                time.sleep(0.01)  # and their neighbours' results recorded (not a busy wait)
+                return False
             if suspect is None:
                 self._isolating = False
             else:
