@@ -302,6 +302,38 @@ def measure_auto_rule(root: Path, *, sizes=(4, 8, 12, 16, 24, 32), new_tokens: i
     return {"merged": merged, "mixed": mixed, "mixed_rows": max(sizes), "switch_ms": switch_ms}
 
 
+def measure_cache(root: Path, *, rows: int, prompt_tokens: int, steps: int = 24) -> dict:
+    """ms per decode step, rows x prompt_tokens in one merged batch: the KV cache growing in place (decode.py's
+    GrowingLayer) against transformers' DynamicLayer, which concatenates (copies the whole cache) every step."""
+    from transformers.cache_utils import DynamicLayer
+
+    from lorabatch.worker.engine import decode
+
+    engine = engine_for(root, adapters=False, max_batch_size=rows, max_batch_tokens=1 << 22)
+    vocab = engine.vocab_size
+    params = SamplingParams(max_new_tokens=steps + 8, ignore_eos=True)
+    requests = [GenerationRequest(i, BASE_ADAPTER, params, prompt_ids=[(7 * i + j) % (vocab - 100) + 100
+                                                                        for j in range(prompt_tokens)])
+                for i in range(rows)]
+    growing, figures = decode.GrowingLayer, {}
+    for label in ("concatenating (DynamicLayer)", "in place (GrowingLayer)") * 2:
+        decode.GrowingLayer = DynamicLayer if label.startswith("concat") else growing
+        try:
+            stepper = engine.stepper()
+            stepper.admit(requests)
+            stepper.step()
+            stepper.step()
+            start = time.perf_counter()
+            for _ in range(steps):
+                stepper.step()
+            ms = (time.perf_counter() - start) / steps * 1000
+            stepper.abort()
+        finally:
+            decode.GrowingLayer = growing
+        figures[label] = min(ms, figures.get(label, ms))
+    return figures
+
+
 def print_auto_rule(shape: str, m: dict) -> None:
     print(f"\n## auto rule inputs, {shape}: one mixed batch of {m['mixed_rows']} rows (5 adapters): "
           f"{m['mixed']:.0f} tokens/s; switching the merged adapter: {m['switch_ms']:.1f} ms")
@@ -338,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "lorabatch-bench")
     parser.add_argument("--measure-auto", action="store_true", help="measure what the auto rule weighs, only")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--measure-cache", nargs=2, type=int, metavar=("ROWS", "PROMPT_TOKENS"),
+                        help="ms per decode step with the KV cache growing in place vs concatenating, only")
     parser.add_argument("--ragged", action="store_true", help="the even/ragged pair only (--new-tokens: max_new_tokens)")
     parser.add_argument("--weights", nargs="+", default=["auto"], choices=["auto", "merged", "separate"])
     parser.add_argument("--before", type=Path, default=None, help="folder holding an older engine_before package")
@@ -348,6 +382,15 @@ def main(argv: list[str] | None = None) -> int:
         root = build_shape(args.root, shape)
         if args.measure_auto:
             print_auto_rule(shape, measure_auto_rule(root))
+            continue
+        if args.measure_cache:
+            rows, prompt_tokens = args.measure_cache
+            figures = measure_cache(root, rows=rows, prompt_tokens=prompt_tokens)
+            print(f"\n## decode step, {shape}, {rows} rows x {prompt_tokens} prompt tokens, "
+                  f"torch threads {torch.get_num_threads()}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+            print("| KV cache | ms per decode step (best of 2) |\n|---|---|")
+            for label, ms in figures.items():
+                print(f"| {label} | {ms:.1f} |")
             continue
         if args.ragged:
             print_ragged_table(shape, bench_ragged(

@@ -153,6 +153,26 @@ def test_ragged_ends_keep_the_batch_full(engine):
     assert all(n == 4 for n in full_while_waiting[1:] if n), full_while_waiting
 
 
+def test_decode_steps_write_the_cache_in_place(engine):
+    """A decode step writes its column into the layers' spare columns: no copy of the cache per step."""
+    engine.weights = "separate"
+    params = SamplingParams(max_new_tokens=decode.KV_SLACK, ignore_eos=True)
+    stepper = engine.stepper()
+    stepper.admit([GenerationRequest(i, NAMES[i], params, prompt=PROMPTS[i]) for i in range(3)])
+    stepper.step()  # prefill, then the first decode step moves each layer into buffers with spare columns
+    layers = stepper.cache.layers
+    assert all(isinstance(layer, decode.GrowingLayer) for layer in layers)
+    start = [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in layers]
+    width = layers[0].keys.shape[-2]
+    for n in range(1, decode.KV_SLACK // 2):
+        stepper.step()
+        assert [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in layers] == start
+        assert layers[0].keys.shape[-2] == width + n
+    stepper.admit([GenerationRequest(9, "sft", params, prompt=PROMPTS[4])])
+    stepper.step()  # a row joins: the cache is copied once, into new buffers
+    assert stepper.cache.layers[0].keys.data_ptr() != start[0][0]
+
+
 def test_decode_out_of_memory_preempts_the_youngest_half(engine, monkeypatch):
     """OOM in a decode step hands the youngest half back as 'preempted'; generate re-queues them, same outputs."""
     engine.weights = "separate"

@@ -3,8 +3,9 @@ a running batch needs when rows join and leave (select_rows, join, trim_left).
 
 Rows are left-padded, so every row's next token sits in the last column; position ids count real tokens only,
 which makes a padded row compute what it computes alone. Prompts of very different lengths are prefilled in
-chunks of similar length (a padded position costs as much as a real one) into one cache. The stepper
-(stepper.py) strings these stages together; this module holds no state between calls.
+chunks of similar length (a padded position costs as much as a real one) into one cache. The cache's layers
+grow in place (GrowingLayer: spare columns, no copy per step). The stepper (stepper.py) strings these stages
+together; this module holds no state between calls.
 
 This module knows nothing about tokenizers, text, adapters, requests or which rows are finished: whatever
 must change per row as rows move (PEFT's per-row adapter names) is told through ``on_chunk``.
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from lorabatch.worker.engine.sampling import RowSampler
 
@@ -68,10 +71,61 @@ def _cache_keyword(model_class: type) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
-def new_cache(model: Any) -> Any:
-    from transformers import DynamicCache
+KV_SLACK = 64
+"""Columns a layer's key/value buffers hold beyond its width once decoding starts, so that most decode steps
+write their column in place (transformers' DynamicLayer concatenates: a copy of the whole cache every step)."""
 
-    return DynamicCache(config=model.config)
+
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose ``keys``/``values`` are views of the first columns of buffers with spare columns.
+
+    An update writes its columns into the spare ones. Only when the buffers are full, or when ``keys`` was
+    replaced by another tensor (rows selected, joined or trimmed below), are they copied into new buffers:
+    code that assigns ``keys``/``values`` directly need know nothing of this.
+    """
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        width = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+        needed = width + key_states.shape[-2]
+        if not self._writable(needed):
+            slack = KV_SLACK if key_states.shape[-2] == 1 else 0  # a prefill is usually joined (copied) next
+            self._key_buffer = _buffer_like(key_states, self.keys, width, needed + slack)
+            self._value_buffer = _buffer_like(value_states, self.values, width, needed + slack)
+        self._key_buffer[:, :, width:needed] = key_states
+        self._value_buffer[:, :, width:needed] = value_states
+        self.keys, self.values = self._key_buffer[:, :, :needed], self._value_buffer[:, :, :needed]
+        return self.keys, self.values
+
+    def _writable(self, needed: int) -> bool:
+        """Are keys/values still the leading columns of the buffers, with room for ``needed`` columns?"""
+        keys, values = self.keys, self.values
+        buffers = getattr(self, "_key_buffer", None), getattr(self, "_value_buffer", None)
+        return all(
+            buffer is not None
+            and buffer.shape[-2] >= needed
+            and view.data_ptr() == buffer.data_ptr()
+            and view.stride() == buffer.stride()
+            and view.shape[:2] == buffer.shape[:2]
+            for view, buffer in zip((keys, values), buffers)
+        )
+
+
+def _buffer_like(states: torch.Tensor, current: torch.Tensor, width: int, capacity: int) -> torch.Tensor:
+    """A [B, H, capacity, D] buffer whose first ``width`` columns hold ``current``."""
+    b, h, _, d = states.shape
+    buffer = states.new_empty((b, h, capacity, d))
+    if width:
+        buffer[:, :, :width] = current
+    return buffer
+
+
+def new_cache(model: Any) -> Any:
+    """transformers' DynamicCache for ``model``, its full-attention layers growing in place (GrowingLayer)."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 PREFILL_PAD_FRACTION = 0.05
@@ -183,7 +237,7 @@ def join(parts: list[tuple[Any, torch.Tensor]]) -> tuple[Any, torch.Tensor]:
 def trim_left(cache: Any, mask: torch.Tensor) -> torch.Tensor:
     """Drop the leading columns that are padding in every row (left by rows that left) -> the narrower mask.
 
-    Free here: DynamicCache copies every layer when the next token is appended anyway, so a view suffices.
+    A view: the next append copies each layer into new buffers (GrowingLayer), the one copy this costs.
     """
     real = mask.any(dim=0).nonzero()
     first = int(real[0]) if len(real) else mask.shape[1]
