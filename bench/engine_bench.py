@@ -13,7 +13,10 @@ same token count). Ways compared, in tokens/s (completion tokens / wall seconds,
 ``--ragged``: the even/ragged pair instead (see ``make_ragged``): the same prompts and the same total of
 completion tokens, once as equal-length answers and once ending on stop strings at long-tailed positions that
 no request field reveals (every request has the same max_new_tokens). ``--before DIR`` runs an older engine
-for comparison: DIR holds a package ``engine_before``, a copy of worker/engine with its imports renamed.
+for comparison: DIR holds a package ``engine_before``, a copy of an older engine with its imports renamed
+(the README has the commands). ``--measure-cache ROWS PROMPT_TOKENS``: ms per decode step with the KV cache
+growing in place against transformers' concatenating DynamicLayer. ``--sweep A1 D1 A2 D2 ...``: ragged tokens/s
+for pairs of admission and cut thresholds.
 
 Each engine way runs ``--rounds`` times, interleaved, and the best round counts: this machine is shared, and
 the best round is the one least disturbed by other processes. Functions here are meant to be reused by a
@@ -334,6 +337,36 @@ def measure_cache(root: Path, *, rows: int, prompt_tokens: int, steps: int = 24)
     return figures
 
 
+def sweep_thresholds(
+    root: Path, *, n: int, rounds: int, max_batch_size: int, max_new_tokens: int,
+    settings: list[tuple[float, float]],
+) -> dict[tuple[float, float], float]:
+    """Ragged tokens/s (weights auto) for each (admit fraction, drop fraction): batching.ADMIT_FRACTION, the
+    free share of the batch that triggers an admission, and stepper.DROP_FRACTION, the dead share of the
+    cache that triggers a cut. Best of ``rounds``, the settings interleaved within each round."""
+    import functools
+
+    from lorabatch.worker.engine import batching, stepper
+
+    engine = engine_for(root, adapters=True, max_batch_size=max_batch_size, max_batch_tokens=1 << 20)
+    names = [BASE_ADAPTER, *DEMO_ADAPTERS]
+    ragged = make_ragged(engine, make_workload(engine.tokenizer, n=n, adapters=names, new_tokens=max_new_tokens),
+                         max_new_tokens=max_new_tokens)
+    best: dict[tuple[float, float], float] = {}
+    saved = stepper.plan_admission, stepper.DROP_FRACTION
+    try:
+        for _ in range(rounds):
+            for admit, drop in settings:
+                stepper.plan_admission = functools.partial(batching.plan_admission, admit_fraction=admit)
+                stepper.DROP_FRACTION = drop
+                tps = run_engine(engine, ragged, weights="auto", way="sweep").tokens_per_s
+                print(f"  admit {admit:.3f} drop {drop:.3f}: {tps:.1f} tokens/s", file=sys.stderr, flush=True)
+                best[(admit, drop)] = max(tps, best.get((admit, drop), 0.0))
+    finally:
+        stepper.plan_admission, stepper.DROP_FRACTION = saved
+    return best
+
+
 def print_auto_rule(shape: str, m: dict) -> None:
     print(f"\n## auto rule inputs, {shape}: one mixed batch of {m['mixed_rows']} rows (5 adapters): "
           f"{m['mixed']:.0f} tokens/s; switching the merged adapter: {m['switch_ms']:.1f} ms")
@@ -372,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--measure-cache", nargs=2, type=int, metavar=("ROWS", "PROMPT_TOKENS"),
                         help="ms per decode step with the KV cache growing in place vs concatenating, only")
+    parser.add_argument("--sweep", nargs="+", type=float, metavar="ADMIT,DROP", default=None,
+                        help="ragged tokens/s for pairs of admit and drop fractions, given flat: A1 D1 A2 D2 ...")
     parser.add_argument("--ragged", action="store_true", help="the even/ragged pair only (--new-tokens: max_new_tokens)")
     parser.add_argument("--weights", nargs="+", default=["auto"], choices=["auto", "merged", "separate"])
     parser.add_argument("--before", type=Path, default=None, help="folder holding an older engine_before package")
@@ -382,6 +417,16 @@ def main(argv: list[str] | None = None) -> int:
         root = build_shape(args.root, shape)
         if args.measure_auto:
             print_auto_rule(shape, measure_auto_rule(root))
+            continue
+        if args.sweep:
+            pairs = list(zip(args.sweep[::2], args.sweep[1::2]))
+            best = sweep_thresholds(root, n=args.requests, rounds=args.rounds, max_batch_size=args.max_batch_size,
+                                    max_new_tokens=args.new_tokens, settings=pairs)
+            print(f"\n## admission and cut thresholds, {shape}, {args.requests} ragged requests, torch threads "
+                  f"{torch.get_num_threads()}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+            print("| admit fraction | drop fraction | ragged tokens/s (best of rounds) |\n|---|---|---|")
+            for (admit, drop), tps in best.items():
+                print(f"| {admit:.3f} | {drop:.3f} | {tps:.1f} |")
             continue
         if args.measure_cache:
             rows, prompt_tokens = args.measure_cache

@@ -131,9 +131,10 @@ except ImportError as e:
     report["vllm"] = f"not installed here ({e.__class__.__name__})"
 
 report["total_s"] = round(time.perf_counter() - t0, 1)
-out = Path(os.environ.get("OUT", "/tmp")) / "gpu_check.json"
-out.write_text(json.dumps(report, indent=1))
 print("| key | value |\n|---|---|")
 for key, value in report.items():
     print(f"| {key} | {value} |")
+out = Path(os.environ.get("OUT", "/tmp")) / "gpu_check.json"
+out.parent.mkdir(parents=True, exist_ok=True)
+out.write_text(json.dumps(report, indent=1))
 PY
