@@ -5,7 +5,8 @@
 # torch stays at constraints.txt's version (its floor, 2.5, is the first with torch.OutOfMemoryError;
 # a CPU build of it is rarely at hand). Extra arguments go to pytest.
 # Last run (2026-11-28, Python 3.11, torch 2.13.0 CPU): transformers 5.0.0 + peft 0.19.0:
-# test_demo_model, test_adapters, test_engine, test_stepper, test_batching: 114 passed in about 2 min;
+# test_demo_model, test_adapters, test_engine, test_stepper, test_batching: 114 passed in about 2 min
+# (2026-11-29, with the KV cache growing in place: 120 passed);
 # peft 0.18.1: test_adapters fails (PeftModel.set_adapter() has no inference_mode).
 set -euo pipefail
 cd "$(dirname "$0")/.."
