@@ -172,6 +172,12 @@ def make_ragged(
     return ragged
 
 
+def ragged_workload(engine: Engine, *, n: int, max_new_tokens: int) -> tuple[list[GenerationRequest], list[GenerationRequest]]:
+    """make_workload's prompts over base + the four demo adapters, and their ragged version (make_ragged)."""
+    prompts = make_workload(engine.tokenizer, n=n, adapters=[BASE_ADAPTER, *DEMO_ADAPTERS], new_tokens=max_new_tokens)
+    return prompts, make_ragged(engine, prompts, max_new_tokens=max_new_tokens)
+
+
 def even_like(requests: list[GenerationRequest], total_tokens: int) -> list[GenerationRequest]:
     """The same prompts, every answer of equal length, ``total_tokens`` in all (eos ignored)."""
     each = max(1, round(total_tokens / len(requests)))
@@ -185,8 +191,7 @@ def bench_ragged(
     """Even and ragged workloads (same prompts, same total tokens) in each weights mode; best of ``rounds``."""
     engine = engine_for(root, adapters=True, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens)
     names = [BASE_ADAPTER, *DEMO_ADAPTERS]
-    prompts = make_workload(engine.tokenizer, n=n, adapters=names, new_tokens=max_new_tokens)
-    ragged = make_ragged(engine, prompts, max_new_tokens=max_new_tokens)
+    prompts, ragged = ragged_workload(engine, n=n, max_new_tokens=max_new_tokens)
     total = sum(r.completion_tokens for r in engine.generate(ragged))
     even = even_like(prompts, total)
     engines = {"": engine}
@@ -349,9 +354,7 @@ def sweep_thresholds(
     from lorabatch.worker.engine import batching, stepper
 
     engine = engine_for(root, adapters=True, max_batch_size=max_batch_size, max_batch_tokens=1 << 20)
-    names = [BASE_ADAPTER, *DEMO_ADAPTERS]
-    ragged = make_ragged(engine, make_workload(engine.tokenizer, n=n, adapters=names, new_tokens=max_new_tokens),
-                         max_new_tokens=max_new_tokens)
+    _, ragged = ragged_workload(engine, n=n, max_new_tokens=max_new_tokens)
     best: dict[tuple[float, float], float] = {}
     saved = stepper.plan_admission, stepper.DROP_FRACTION
     try:
@@ -365,6 +368,22 @@ def sweep_thresholds(
     finally:
         stepper.plan_admission, stepper.DROP_FRACTION = saved
     return best
+
+
+def print_sweep(shape: str, n: int, best: dict[tuple[float, float], float]) -> None:
+    print(f"\n## admission and cut thresholds, {shape}, {n} ragged requests, torch threads "
+          f"{torch.get_num_threads()}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print("| admit fraction | drop fraction | ragged tokens/s (best of rounds) |\n|---|---|---|")
+    for (admit, drop), tps in best.items():
+        print(f"| {admit:.3f} | {drop:.3f} | {tps:.1f} |")
+
+
+def print_cache(shape: str, rows: int, prompt_tokens: int, figures: dict[str, float]) -> None:
+    print(f"\n## decode step, {shape}, {rows} rows x {prompt_tokens} prompt tokens, "
+          f"torch threads {torch.get_num_threads()}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print("| KV cache | ms per decode step (best of 2) |\n|---|---|")
+    for label, ms in figures.items():
+        print(f"| {label} | {ms:.1f} |")
 
 
 def print_auto_rule(shape: str, m: dict) -> None:
@@ -405,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--measure-cache", nargs=2, type=int, metavar=("ROWS", "PROMPT_TOKENS"),
                         help="ms per decode step with the KV cache growing in place vs concatenating, only")
-    parser.add_argument("--sweep", nargs="+", type=float, metavar="ADMIT,DROP", default=None,
+    parser.add_argument("--sweep", nargs="+", type=float, metavar="FRACTION", default=None,
                         help="ragged tokens/s for pairs of admit and drop fractions, given flat: A1 D1 A2 D2 ...")
     parser.add_argument("--ragged", action="store_true", help="the even/ragged pair only (--new-tokens: max_new_tokens)")
     parser.add_argument("--weights", nargs="+", default=["auto"], choices=["auto", "merged", "separate"])
@@ -420,22 +439,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if args.sweep:
             pairs = list(zip(args.sweep[::2], args.sweep[1::2]))
-            best = sweep_thresholds(root, n=args.requests, rounds=args.rounds, max_batch_size=args.max_batch_size,
-                                    max_new_tokens=args.new_tokens, settings=pairs)
-            print(f"\n## admission and cut thresholds, {shape}, {args.requests} ragged requests, torch threads "
-                  f"{torch.get_num_threads()}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
-            print("| admit fraction | drop fraction | ragged tokens/s (best of rounds) |\n|---|---|---|")
-            for (admit, drop), tps in best.items():
-                print(f"| {admit:.3f} | {drop:.3f} | {tps:.1f} |")
+            print_sweep(shape, args.requests, sweep_thresholds(
+                root, n=args.requests, rounds=args.rounds, max_batch_size=args.max_batch_size,
+                max_new_tokens=args.new_tokens, settings=pairs,
+            ))
             continue
         if args.measure_cache:
             rows, prompt_tokens = args.measure_cache
-            figures = measure_cache(root, rows=rows, prompt_tokens=prompt_tokens)
-            print(f"\n## decode step, {shape}, {rows} rows x {prompt_tokens} prompt tokens, "
-                  f"torch threads {torch.get_num_threads()}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
-            print("| KV cache | ms per decode step (best of 2) |\n|---|---|")
-            for label, ms in figures.items():
-                print(f"| {label} | {ms:.1f} |")
+            print_cache(shape, rows, prompt_tokens, measure_cache(root, rows=rows, prompt_tokens=prompt_tokens))
             continue
         if args.ragged:
             print_ragged_table(shape, bench_ragged(

@@ -107,13 +107,13 @@ def _publish_row(sessions: sessionmaker[Session], app: Celery, row_id: int, job_
             return sent
         after = part[-1][2]
         for (was_run, adapter), group in groupby(sorted(part), key=lambda r: r[:2]):
-            idxs_ = [idx for _, _, idx in group]
+            group_idxs = [idx for _, _, idx in group]
             if was_run and not suspect:  # owed as ordinary work (a refill, a hand-back): run alone, to be safe
-                for idx in idxs_:
+                for idx in group_idxs:
                     sent += broker.enqueue(app, job_id, adapter, [idx], priority=priority, deployment=deployment,
                                            suspect=outbox.SUSPECT_ALONE)
             else:
-                sent += broker.enqueue(app, job_id, adapter, idxs_, priority=priority, deployment=deployment,
+                sent += broker.enqueue(app, job_id, adapter, group_idxs, priority=priority, deployment=deployment,
                                        suspect=suspect, chunk_size=chunk)
         if len(part) == PUBLISH_BATCH:
             with transaction(sessions) as s:  # still publishing: keep other publishers off this row

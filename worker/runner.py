@@ -47,9 +47,11 @@ def run_worker(settings: Settings, *, concurrency: int | None = None, weights: s
         from lorabatch.worker.engine.engine import Engine
 
         engine = Engine.from_settings(settings)
-    _check_adapters(engine)
-    if metrics is not None and hasattr(engine, "adapters"):
-        engine.adapters.on_event = metrics.adapter_event
+    adapters = getattr(engine, "adapters", None)  # the instant engine has none
+    if adapters is not None:
+        _check_adapters(adapters)
+        if metrics is not None:
+            adapters.on_event = metrics.adapter_event
     service = WorkerService(settings, engine, context=context, metrics=metrics)
     tasks.register(service.app, service)
     worker_shutting_down.connect(lambda **_: service.stop(), weak=False)
@@ -74,12 +76,11 @@ def run_worker(settings: Settings, *, concurrency: int | None = None, weights: s
                            "went back to the queue; restart the worker (see its log)")
 
 
-def _check_adapters(engine) -> None:
+def _check_adapters(adapters) -> None:
     """Say at start which configured adapters cannot be used (their requests will fail with the reason)."""
     from lorabatch.schemas.errors import AdapterError
 
-    adapters = getattr(engine, "adapters", None)  # the instant engine has none
-    for name in sorted(adapters.configured() if adapters is not None else {}):
+    for name in sorted(adapters.configured()):
         try:
             adapters.spec(name)
         except AdapterError as e:
