@@ -1,4 +1,4 @@
-"""Pure helpers of the engine: admission, stop strings, sampling filters, prefill chunks."""
+"""Pure helpers of the engine: admission, stop strings, prefill chunks (sampling: test_sampling.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from lorabatch.worker.engine.batching import plan_admission
-from lorabatch.worker.engine.sampling import sample_filtered
 from lorabatch.worker.engine.stops import StopStrings, cut_at_stop
 
 
@@ -87,41 +86,6 @@ def test_stop_strings_look_at_the_tail_only():
     assert not stops.matched([1, 2])
     assert stops.matched(list(range(1, 200)) + [3, 4])
     assert max(seen) == stops.window
-
-
-def test_sample_filtered_limits():
-    """top_k=1 or a tiny top_p is greedy; uniform draws map through the kept tokens' CDF, most likely first."""
-    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 4)
-    ones = torch.ones(4)
-    greedy = sample_filtered(logits, ones, torch.tensor([1, 0, 4, 4]), torch.tensor([1.0, 1e-6, 1.0, 1.0]),
-                             torch.tensor([0.99, 0.99, 0.0, 0.999999]))
-    assert greedy[:2].tolist() == [1, 1]  # top-k 1; top-p tiny
-    assert greedy[2].item() == 1  # u = 0: the most likely token
-    assert greedy[3].item() == 0  # u near 1: the least likely token
-    top2 = sample_filtered(logits[:1], ones[:1], torch.tensor([2]), ones[:1], torch.tensor([0.999]))
-    assert top2.item() == 3  # top-k 2 keeps tokens 1 and 3 only
-
-
-def test_unfiltered_rows_walk_the_cdf_in_vocabulary_order():
-    """Without top-k or top-p no sort is needed: a uniform picks the token whose CDF span holds it."""
-    probs = torch.tensor([0.1, 0.5, 0.0, 0.4])
-    logits = probs.log()[None, :].repeat(4, 1)
-    n = 4
-    tokens = sample_filtered(logits, torch.ones(n), torch.zeros(n, dtype=torch.long), torch.ones(n),
-                             torch.tensor([0.05, 0.3, 0.61, 1.0]))
-    assert tokens.tolist() == [0, 1, 3, 3]  # token 2 (probability 0) is never drawn, not even at u = 1
-
-
-def test_sampled_frequencies_follow_the_distribution():
-    """Many uniforms through either path reproduce the softmax probabilities (top-k = vocabulary: the same law)."""
-    logits = torch.tensor([[0.0, 1.0, 2.0, 0.5]])
-    expected = logits.softmax(-1)[0]
-    u = (torch.arange(4000) + 0.5) / 4000
-    for top_k in (0, 4):
-        tokens = sample_filtered(logits.repeat(4000, 1), torch.ones(4000), torch.full((4000,), top_k),
-                                 torch.ones(4000), u)
-        counts = torch.bincount(tokens, minlength=4) / 4000
-        torch.testing.assert_close(counts, expected, atol=2e-3, rtol=0)
 
 
 @pytest.mark.parametrize(
