@@ -67,8 +67,16 @@ class Job(Base):
     schedule: Mapped[str | None] = mapped_column(String(100), index=True)
     """Name of the schedule that created this job, if any."""
     deployment: Mapped[str | None] = mapped_column(String(32), index=True)
-    """The deployment (base model + the exact adapter weights) the job was submitted to; only a worker
-    serving the same deployment claims its requests (see store.deployment)."""
+    """The key of the base model the job runs on (store.deployment.base_key; None: pinned by the first
+    worker that claims one of its requests). Only a worker of that base model claims its requests."""
+    adapter_pins: Mapped[dict | None] = mapped_column(JSON)
+    """Adapter name -> sha256 of the weights this job's requests run on (None: pinned at the first claim
+    of a request naming it). Only a worker serving those exact weights claims them."""
+    parked: Mapped[list | None] = mapped_column(JSON)
+    """Adapters whose queued requests wait, without a message, for a live worker serving the pinned
+    weights; a worker that serves them (or `lorabatch retarget`) publishes them again."""
+    retargets: Mapped[list | None] = mapped_column(JSON)
+    """What `lorabatch retarget` moved: [{adapter, from, to, at, requests}], oldest first."""
     content_hash: Mapped[str | None] = mapped_column(String(64))
     """sha256 of the submitted requests, so a reused idempotency key with other content is refused."""
     created_at: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)
@@ -110,6 +118,8 @@ class Request(Base):
     state: Mapped[str] = mapped_column(String(16), default=RequestState.QUEUED.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker_id: Mapped[str | None] = mapped_column(String(80))
+    claim_id: Mapped[str | None] = mapped_column(String(32))
+    """The claim that took it (with worker_id): a claim retried after an ambiguous commit finds its own."""
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime())
     finished_at: Mapped[datetime | None] = mapped_column(DateTime())
 
@@ -157,7 +167,11 @@ class Worker(Base):
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)
     tokens_per_second: Mapped[float | None] = mapped_column(Float)
     deployment: Mapped[str | None] = mapped_column(String(32))
-    """The deployment this worker serves (store.deployment)."""
+    """The key of the base model this worker serves (store.deployment.base_key)."""
+    base: Mapped[str | None] = mapped_column(String(300))
+    """The base model's identity (store.deployment.base_identity)."""
+    adapters: Mapped[dict | None] = mapped_column(JSON)
+    """Adapter name -> sha256 of the weights it serves (None: configured but unreadable there)."""
     running: Mapped[int] = mapped_column(Integer, default=0)
     """Requests generating in its batch at the last heartbeat."""
     held: Mapped[int] = mapped_column(Integer, default=0)

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 
-HEAD = "0002"
+HEAD = "0003"
 """The newest revision in versions/, which the models in schemas/ match (tests check both)."""
 HERE = Path(__file__).resolve().parent
 VERSION_TABLE = "lb_schema_version"
