@@ -1,7 +1,7 @@
 """The engine loop of a worker: continuous batching fed by queue messages, claims at admission.
 
 One thread drives the engine's Stepper (a running batch that rows join and leave). Each turn:
-1. stop rows whose job was cancelled (polled every CANCEL_POLL_SECONDS);
+1. stop rows whose job was cancelled (worker.cancels asks the database every 0.5 s);
 2. when the stepper has room (it decides how many rows of which adapter it takes), take that many
    references from the feed (worker.feed: messages Celery threads hold), CLAIM them in the database
    at that moment, and admit the claimed requests;
@@ -31,7 +31,7 @@ import socket
 import threading
 import time
 import uuid
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Hashable
 
 from lorabatch.schemas.errors import LorabatchError
@@ -42,16 +42,14 @@ from lorabatch.store.deployment import Deployment
 from lorabatch.store.reconcile import publish_owed
 from lorabatch.store.retry import with_db_retry
 from lorabatch.worker.engine.params import GenerationRequest, GenerationResult, SamplingParams
+from lorabatch.worker.cancels import CancelPoll
 from lorabatch.worker.feed import Feed, Message
+from lorabatch.worker.rate import TokenRate
 from lorabatch.worker.recorder import Recorder
 from lorabatch.worker.upkeep import Upkeep
 
 log = logging.getLogger("lorabatch.worker")
 
-CANCEL_POLL_SECONDS = 0.5
-"""How often the engine loop asks the database whether a job it runs was cancelled."""
-RATE_WINDOW_SECONDS = 30.0
-"""tokens/s in heartbeats is measured over this window."""
 CLOSE_SECONDS = 30.0
 """How long a stopping worker keeps trying to tell the database it leaves (then the lease takes over)."""
 
@@ -81,9 +79,8 @@ class WorkerService:
         self._adapters: dict[Hashable, str] = {}
         self._stopping = threading.Event()
         self._isolating = False
-        self._last_cancel_poll = 0.0
-        self._finished_tokens: deque[tuple[float, int]] = deque()
-        self._started = time.monotonic()
+        self.cancels = CancelPoll(self.sessions)
+        self.rate = TokenRate()
         self._engine_thread = threading.Thread(target=self._engine_loop, name="lorabatch-engine", daemon=True)
 
     # ---- lifecycle
@@ -218,14 +215,8 @@ class WorkerService:
         self.recorder.hand_back(preempted)
 
     def _stop_cancelled_rows(self) -> None:
-        now = time.monotonic()
-        if self.stepper.idle or now - self._last_cancel_poll < CANCEL_POLL_SECONDS:
-            return
-        self._last_cancel_poll = now
-        keys = self.stepper.keys()
-        cancelled = with_db_retry(self.sessions, lambda s: lifecycle.cancelling_jobs(s, (k[0] for k in keys)),
-                                  what="checking for cancelled jobs")
-        if cancelled:
+        keys = [] if self.stepper.idle else self.stepper.keys()
+        if cancelled := self.cancels.cancelled(keys):
             self._finished(self.stepper.cancel([k for k in keys if k[0] in cancelled]))
 
     # ---- shutdown and failure
@@ -276,16 +267,11 @@ class WorkerService:
     # ---- reporting
 
     def _recorded(self, outcomes: list[lifecycle.Outcome]) -> None:
-        now = time.monotonic()
-        self._finished_tokens.append((now, sum(o.completion_tokens or 0 for o in outcomes)))
+        self.rate.add(sum(o.completion_tokens or 0 for o in outcomes))
 
     def _load(self) -> dict:
-        now = time.monotonic()
-        while self._finished_tokens and self._finished_tokens[0][0] < now - RATE_WINDOW_SECONDS:
-            self._finished_tokens.popleft()
-        window = min(RATE_WINDOW_SECONDS, now - self._started)
         held = self.feed.held()
         if self.metrics:
             self.metrics.set_held(held)
         return {"running": self.stepper.running, "held": held,
-                "tokens_per_second": round(sum(n for _, n in self._finished_tokens) / max(window, 1.0), 1)}
+                "tokens_per_second": self.rate.per_second()}
