@@ -87,3 +87,17 @@ def test_a_large_message_is_trimmed_to_what_the_worker_should_hold():
     assert feed.held() == 66
     feed.settle(feed.take({"sft": 66}))
     assert small.done.is_set() and big.done.is_set()
+
+
+def test_a_large_message_arriving_at_a_full_feed_keeps_an_ordinary_share():
+    """A feed already holding its two batches cuts a large message to an ordinary message's 16
+    references, never to nothing (which re-enqueued the whole message in a busy loop)."""
+    feed = Feed()
+    full = [Message("j1", "sft", list(range(i * 16, i * 16 + 16))) for i in range(4)]
+    big = Message("j2", "sft", list(range(200)))
+    held(feed, *full, big)
+    assert feed.held() == 264
+    excess = feed.trim(big, 64)
+    assert big.pending == list(range(16)) and excess == list(range(16, 200))
+    assert not big.done.is_set(), "the message is still held for its 16 references"
+    assert feed.trim(big, 64) == [], "a kept share is never cut again"

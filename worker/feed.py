@@ -22,6 +22,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 
+MIN_KEPT = 16
+"""References a trimmed message keeps: an ordinary message's size (store.broker.CHUNK_SIZE)."""
+
+
 @dataclass(eq=False)
 class Message:
     """One queue message: references to requests of one job and adapter."""
@@ -114,9 +118,13 @@ class Feed:
 
     def trim(self, message: Message, keep_at_most: int) -> list[int]:
         """Take back the references of `message` beyond what the feed should hold (`keep_at_most`
-        pending references in all): returns them, for the caller to send back to the queue."""
+        pending references in all): returns them, for the caller to send back to the queue. The
+        message keeps at least MIN_KEPT, as an ordinary message would: cut to nothing, it was
+        acknowledged at once and its references came straight back to this or another busy feed,
+        round and round. The few Celery threads bound what the feed holds either way."""
         with self._lock:
-            excess = min(len(message.pending), sum(len(m.pending) for m in self._messages) - keep_at_most)
+            excess = min(len(message.pending) - MIN_KEPT,
+                         sum(len(m.pending) for m in self._messages) - keep_at_most)
             if excess <= 0 or message.suspect:
                 return []
             cut, message.pending = message.pending[-excess:], message.pending[:-excess]
