@@ -133,9 +133,11 @@ def run_peft_one_at_a_time(root: Path, requests: list[GenerationRequest]) -> Mea
 
 
 def engine_for(
-    root: Path, *, adapters: bool, max_batch_size: int, max_batch_tokens: int, before: Path | None = None
+    root: Path, *, adapters: bool, max_batch_size: int, max_batch_tokens: int, before: Path | None = None,
+    forward: str = "transformers",
 ) -> Engine:
-    """An engine on the model under ``root``: this checkout's, or with ``before``, the older copy's there."""
+    """An engine on the model under ``root``: this checkout's (on ``forward``), or with ``before``, the older
+    copy's there."""
     engine_class, manager_class = Engine, AdapterManager
     if before is not None:
         sys.path.insert(0, str(before))
@@ -144,7 +146,9 @@ def engine_for(
     model, tokenizer = load_model(root / DEMO_MODEL_DIR)
     dirs = {n: root / p for n, p in DEMO_ADAPTERS.items()} if adapters else {}
     manager = manager_class(dirs, base_model=str(root / DEMO_MODEL_DIR), max_resident=8)
-    return engine_class(model, tokenizer, manager, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens)
+    options = {} if before is not None else {"forward": forward}
+    return engine_class(model, tokenizer, manager, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
+                        **options)
 
 
 def make_ragged(
@@ -186,15 +190,21 @@ def even_like(requests: list[GenerationRequest], total_tokens: int) -> list[Gene
 
 def bench_ragged(
     root: Path, *, n: int, rounds: int, max_batch_size: int, max_batch_tokens: int, max_new_tokens: int,
-    before: Path | None = None, weights: tuple[str, ...] = ("auto",),
+    before: Path | None = None, weights: tuple[str, ...] = ("auto",), forwards: tuple[str, ...] = ("transformers",),
 ) -> list[Measurement]:
-    """Even and ragged workloads (same prompts, same total tokens) in each weights mode; best of ``rounds``."""
-    engine = engine_for(root, adapters=True, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens)
+    """Even and ragged workloads (same prompts, same total tokens) in each weights mode and forward path;
+    best of ``rounds``."""
+    engine = engine_for(root, adapters=True, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
+                        forward=forwards[0])
     names = [BASE_ADAPTER, *DEMO_ADAPTERS]
     prompts, ragged = ragged_workload(engine, n=n, max_new_tokens=max_new_tokens)
     total = sum(r.completion_tokens for r in engine.generate(ragged))
     even = even_like(prompts, total)
-    engines = {"": engine}
+    engines = {"" if len(forwards) == 1 else f"{forwards[0]}: ": engine}
+    for forward in forwards[1:]:
+        engines[f"{forward}: "] = engine_for(root, adapters=True, max_batch_size=max_batch_size,
+                                             max_batch_tokens=max_batch_tokens, forward=forward)
+        engines[f"{forward}: "].generate(even[: len(names) * 2])  # warm-up: adapter loading is not measured
     if before is not None:
         engines["before: "] = engine_for(
             root, adapters=True, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens, before=before
@@ -429,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ragged", action="store_true", help="the even/ragged pair only (--new-tokens: max_new_tokens)")
     parser.add_argument("--weights", nargs="+", default=["auto"], choices=["auto", "merged", "separate"])
     parser.add_argument("--before", type=Path, default=None, help="folder holding an older engine_before package")
+    parser.add_argument("--forward", nargs="+", default=["transformers"], choices=["transformers", "native"],
+                        help="--ragged: the engine's forward paths to compare (the first builds the workload)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -452,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             print_ragged_table(shape, bench_ragged(
                 root, n=args.requests, rounds=args.rounds, max_batch_size=args.max_batch_size,
                 max_batch_tokens=args.max_batch_tokens, max_new_tokens=args.new_tokens, before=args.before,
-                weights=tuple(args.weights),
+                weights=tuple(args.weights), forwards=tuple(args.forward),
             ))
             continue
         measurements = bench_shape(

@@ -11,7 +11,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -48,10 +48,19 @@ class WorkerSettings(_Section):
     weights: Literal["auto", "merged", "separate"] = "auto"
     """merged: adapter merged into the base weights per batch; separate: PEFT adapters kept apart,
     batches may mix adapters; auto: chosen per batch."""
-    max_batch_size: int = Field(32, ge=1)
-    """Most rows in one generation batch."""
-    max_batch_tokens: int = Field(16384, ge=64)
-    """Token budget of one batch: rows x (longest prompt + its max_new_tokens)."""
+    max_batch_size: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = "auto"
+    """Most rows in one generation batch. auto: 32 on CPU; on CUDA (native forward) what the KV cache fits in
+    gpu_memory_fraction, at most 256."""
+    max_batch_tokens: Union[Annotated[int, Field(ge=64)], Literal["auto"]] = "auto"
+    """Token budget of one batch: rows x (longest prompt + its max_new_tokens). auto: 16384 on CPU; on CUDA
+    (native forward) the KV cache's capacity."""
+    forward: Literal["auto", "native", "transformers"] = "auto"
+    """native: the project's own Qwen2 forward (KV slots, stacked LoRA, CUDA graphs); transformers: transformers'
+    forward with PEFT; auto: native where the model and every configured adapter can run there."""
+    gpu_memory_fraction: float = Field(0.9, gt=0, le=1)
+    """Native forward on CUDA: the share of the card's memory the worker may fill (weights, KV cache, graphs)."""
+    cuda_graphs: bool = True
+    """Native forward on CUDA: replay the decode step as CUDA graphs."""
     max_resident_adapters: int = Field(8, ge=1)
     """Adapters kept loaded at once (LRU); loading one more unloads the least recently used."""
     max_adapter_rank: int = Field(256, ge=1)

@@ -87,12 +87,20 @@ def open_job(session: Session, job_id: str, total: int) -> None:
     caller publishes them after the commit; see store.outbox)."""
     job = _lock_jobs(session, [job_id])[job_id]
     job.total = job.n_queued = total
+    if job.state == JobState.CANCELLING.value:  # cancelled while its requests were inserted: none may run
+        cancel_job(session, job_id)
+        return
     owe_messages(session, job_id, None)
 
 
-def delete_job(session: Session, job_id: str) -> None:
-    """A job and its requests, gone (a submit that failed before `open_job`)."""
-    session.execute(delete(Job).where(Job.id == job_id))
+def delete_job(session: Session, job_id: str, *, only_hidden: bool = False) -> bool:
+    """A job and its requests, gone (a submit that failed before `open_job`). `only_hidden`: only if
+    it is still hidden (total 0), so that a submit that opened it meanwhile keeps it. Returns whether
+    it was deleted."""
+    stmt = delete(Job).where(Job.id == job_id)
+    if only_hidden:
+        stmt = stmt.where(Job.total == 0)
+    return bool(session.execute(stmt).rowcount)
 
 
 def add_requests(session: Session, rows: Sequence[dict[str, Any]]) -> None:
@@ -107,6 +115,9 @@ def cancel_job(session: Session, job_id: str) -> Job:
     next step (it polls for cancelled jobs) and recorded as cancelled. Idempotent."""
     job = _lock_jobs(session, [job_id])[job_id]
     if JobState(job.state).is_final:
+        return job
+    if job.total == 0:  # its submit is still inserting (counters not set yet): open_job cancels them all
+        job.state = JobState.CANCELLING.value
         return job
     ids = session.execute(
         select(Request.idx).where(Request.job_id == job_id, Request.state == Q.value)
@@ -317,8 +328,11 @@ def orphaned_requests(session: Session, *, lease: timedelta, max_attempts: int, 
         return 0
     wanted = _by_job(keys)
     jobs = _lock_jobs(session, wanted, missing_ok=True)
+    # Liveness again, now that the rows are locked: between the first read and the locks, another
+    # reconcile may have put a request back and a live worker claimed it (PostgreSQL reads no locks).
+    live_ids = set(session.execute(live).scalars())
     rows = [r for r in _locked_requests(session, {j: wanted[j] for j in sorted(jobs)}, state=R)
-            if r.worker_id is None or r.worker_id != alive]
+            if r.worker_id not in live_ids and (alive is None or r.worker_id != alive)]
     last_try = [r for r in rows if r.attempts >= max_attempts - 1]
     group = [r for r in rows if r.attempts < max_attempts - 1]
     return len(_requeue(session, jobs, group, suspect=SUSPECT_GROUP)) + len(

@@ -41,12 +41,16 @@ def run_worker(settings: Settings, *, concurrency: int | None = None, weights: s
     if engine is None and settings.worker.engine == "instant":
         from lorabatch.worker.engine.instant import InstantEngine
 
-        engine = InstantEngine(max_batch_size=settings.worker.max_batch_size,
+        batch = settings.worker.max_batch_size
+        engine = InstantEngine(max_batch_size=32 if batch == "auto" else batch,
                                step_seconds=settings.worker.instant_step_seconds)
     elif engine is None:
         from lorabatch.worker.engine.engine import Engine
 
         engine = Engine.from_settings(settings)
+    # "auto" batch sizes as the engine resolved them, before anything else reads them (service, metrics, claims).
+    settings = settings.model_copy(update={"worker": settings.worker.model_copy(update={
+        "max_batch_size": engine.max_batch_size, "max_batch_tokens": getattr(engine, "max_batch_tokens", 16384)})})
     adapters = getattr(engine, "adapters", None)  # the instant engine has none
     if adapters is not None:
         _check_adapters(adapters)

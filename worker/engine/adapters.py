@@ -2,9 +2,12 @@
 
 Names map to folders through a provider that is asked again on every lookup, so an adapter added to the
 configuration later is usable without a restart. An adapter is validated against the base model before its
-weights load (adapter_files), loaded on first use into PEFT (``PeftModel.from_pretrained`` wraps the base
-model in place: the same module object then carries every LoRA layer), and kept among at most
-``max_resident`` loaded adapters; the least recently used one is unloaded to make room.
+weights load (adapter_files), loaded on first use by a backend, and kept among at most ``max_resident`` loaded
+adapters; the least recently used one is unloaded to make room.
+
+Two backends hold the weights, behind the same catalogue, LRU and events: ``PeftBackend`` (transformers'
+forward: ``PeftModel.from_pretrained`` wraps the base model in place, the same module object then carries
+every LoRA layer) and lora_stack.NativeBackend (the native forward: adapters stacked for one batched op).
 
 This module knows nothing about batching, decoding, requests or where the configuration comes from.
 """
@@ -48,18 +51,18 @@ class AdapterManager:
     """Resolve, validate, load, evict and apply LoRA adapters on one base model."""
 
     def __init__(
-        self, adapter_dirs: AdapterDirs, *, base_model: str | None = None, max_resident: int = 8, max_rank: int = 256
+        self, adapter_dirs: AdapterDirs, *, base_model: str | None = None, max_resident: int = 8, max_rank: int = 256,
+        backend: Any = None,
     ) -> None:
+        """``backend``: where loaded weights live (PeftBackend by default; lora_stack.NativeBackend)."""
         self._dirs = adapter_dirs
         self.base_model = base_model
         self.max_resident = max_resident
         self.max_rank = max_rank
+        self.backend = backend if backend is not None else PeftBackend()
         self._model: Any = None
-        self._peft: Any = None
         self._module_names: list[str] | None = None
         self._resident: OrderedDict[str, tuple] = OrderedDict()  # name -> identity of the files loaded; LRU first
-        self._layers: list[Any] = []
-        self._weights = MergedWeights()
         self._warned: set[tuple[str, Path]] = set()  # base model mismatches already logged
         self.on_event: Callable[[str], None] | None = None
         """Told "load", "load_failed", "eviction" or "merge_switch" as they happen (the worker counts them)."""
@@ -86,6 +89,15 @@ class AdapterManager:
             raise ValueError("this AdapterManager already serves another model")
         self._model = model
         self._module_names = [name for name, _ in model.named_modules()]
+        self.backend.bind(model)
+
+    @property
+    def _peft(self) -> Any:
+        return getattr(self.backend, "peft", None)
+
+    @property
+    def _layers(self) -> list[Any]:
+        return getattr(self.backend, "layers", [])
 
     def spec(self, name: str) -> AdapterSpec:
         """The validated adapter ``name``; AdapterError when it is unknown or unfit for the base model."""
@@ -140,7 +152,7 @@ class AdapterManager:
             self._resident.move_to_end(name)
             return spec
         # PEFT's loader re-sets the active adapter, which unmerges (subtracts) a merged one: restore exactly first.
-        self._weights.restore()
+        self.backend.restore()
         if name in self._resident:  # the configured folder or its file changed since it was loaded
             self.evict(name)
         pinned = set(keep) | {name}
@@ -151,72 +163,40 @@ class AdapterManager:
             self.evict(victim)
         self._load_weights(spec)
         self._resident[name] = identity
-        self._layers = lora_layers(self._model)
         return spec
 
     def evict(self, name: str) -> None:
         """Unload ``name``; the base weights are restored first if it is the merged one."""
         if name not in self._resident:
             return
-        if self._weights.merged == name:
-            self._weights.restore()
-        with warnings.catch_warnings():
-            # PEFT warns that it activates another adapter; the active adapter is set before every use anyway.
-            warnings.simplefilter("ignore")
-            self._peft.delete_adapter(name)
+        if self.backend.merged == name:
+            self.backend.restore()
+        self.backend.unload(name)
         del self._resident[name]
         self._tell("eviction")
         log.info("adapter %r unloaded", name)
 
     def _load_weights(self, spec: AdapterSpec) -> None:
-        from peft import PeftModel
-        from safetensors.torch import load_file
-
         try:
-            # Parse the whole file first: PEFT injects the LoRA layers into the model before it reads the
-            # weights, and a file that fails there would leave a half-made adapter behind.
-            load_file(spec.path / WEIGHTS_FILE, device="cpu")
-            if self._peft is None:
-                self._peft = PeftModel.from_pretrained(self._model, spec.path, adapter_name=spec.name, is_trainable=False)
-            else:
-                self._peft.load_adapter(spec.path, adapter_name=spec.name, is_trainable=False)
+            self.backend.load(spec)
         except Exception as e:  # noqa: BLE001 - safetensors, PEFT and torch raise many kinds; all mean "cannot load"
-            self._discard_partial(spec.name)
+            self.backend.discard(spec.name)
             self._tell("load_failed")
+            if isinstance(e, AdapterError):
+                raise
             raise AdapterError(
                 f"adapter {spec.name!r}: loading {spec.path} failed ({type(e).__name__}: {e}); re-save the adapter."
             ) from e
-        self._model.eval()
         self._tell("load")
         log.info("adapter %r loaded from %s", spec.name, spec.path)
-
-    def _discard_partial(self, name: str) -> None:
-        """Undo a failed load: PEFT rolls back the adapter's config but not the layers it already injected."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if self._peft is not None and name in self._peft.peft_config:
-                self._peft.delete_adapter(name)
-            for module in self._model.modules():
-                if isinstance(module, BaseTunerLayer) and name in getattr(module, "lora_A", {}):
-                    module.delete_adapter(name)
-        if self._peft is None:  # a failed first load: nothing holds the LoRA layers it put in; take them out
-            for parent in list(self._model.modules()):
-                for child_name, child in list(parent.named_children()):
-                    if isinstance(child, BaseTunerLayer):
-                        setattr(parent, child_name, child.get_base_layer())
 
     # -- applying adapters to a batch --------------------------------------------------------------------
 
     def merge(self, name: str) -> None:
         """Merge resident adapter ``name`` into the base weights (restoring any other merged one exactly)."""
-        if self._weights.merged == name:
+        if self.backend.merged == name:
             return
-        # Restore before set_adapter: PEFT's set_adapter would unmerge (subtract) a merged adapter itself.
-        self._weights.restore()
-        self._peft.set_adapter(name, inference_mode=True)  # layers without this adapter then add nothing
-        self._weights.merge(name, self._layers)
+        self.backend.merge(name)
         self._tell("merge_switch")
 
     def _tell(self, event: str) -> None:
@@ -225,6 +205,77 @@ class AdapterManager:
 
     def restore_base_weights(self) -> None:
         """Put the pristine base weights back (a bit-exact copy, not a subtraction)."""
+        self.backend.restore()
+
+    @property
+    def merged(self) -> str | None:
+        return self.backend.merged
+
+    def rows(self, names: list[str]) -> AbstractContextManager[RowAdapterNames | None]:
+        """A context in which each batch row runs with its own adapter (``base`` for none), nothing merged."""
+        return self.backend.rows(names)
+
+
+class PeftBackend:
+    """Adapters loaded into PEFT on the transformers model; merges through weights.MergedWeights."""
+
+    kind = "peft"
+
+    def __init__(self) -> None:
+        self.model: Any = None
+        self.peft: Any = None
+        self.layers: list[Any] = []
+        self._weights = MergedWeights()
+
+    def bind(self, model: Any) -> None:
+        self.model = model
+
+    def load(self, spec: AdapterSpec) -> None:
+        from peft import PeftModel
+        from safetensors.torch import load_file
+
+        # Parse the whole file first: PEFT injects the LoRA layers into the model before it reads the
+        # weights, and a file that fails there would leave a half-made adapter behind.
+        load_file(spec.path / WEIGHTS_FILE, device="cpu")
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.model, spec.path, adapter_name=spec.name, is_trainable=False)
+        else:
+            self.peft.load_adapter(spec.path, adapter_name=spec.name, is_trainable=False)
+        self.model.eval()
+        self.layers = lora_layers(self.model)
+
+    def unload(self, name: str) -> None:
+        with warnings.catch_warnings():
+            # PEFT warns that it activates another adapter; the active adapter is set before every use anyway.
+            warnings.simplefilter("ignore")
+            self.peft.delete_adapter(name)
+        self.layers = lora_layers(self.model)
+
+    def discard(self, name: str) -> None:
+        """Undo a failed load: PEFT rolls back the adapter's config but not the layers it already injected."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if self.peft is not None and name in self.peft.peft_config:
+                self.peft.delete_adapter(name)
+            for module in self.model.modules():
+                if isinstance(module, BaseTunerLayer) and name in getattr(module, "lora_A", {}):
+                    module.delete_adapter(name)
+        if self.peft is None:  # a failed first load: nothing holds the LoRA layers it put in; take them out
+            for parent in list(self.model.modules()):
+                for child_name, child in list(parent.named_children()):
+                    if isinstance(child, BaseTunerLayer):
+                        setattr(parent, child_name, child.get_base_layer())
+        self.layers = lora_layers(self.model)
+
+    def merge(self, name: str) -> None:
+        # Restore before set_adapter: PEFT's set_adapter would unmerge (subtract) a merged adapter itself.
+        self._weights.restore()
+        self.peft.set_adapter(name, inference_mode=True)  # layers without this adapter then add nothing
+        self._weights.merge(name, self.layers)
+
+    def restore(self) -> None:
         self._weights.restore()
 
     @property
@@ -232,9 +283,8 @@ class AdapterManager:
         return self._weights.merged
 
     def rows(self, names: list[str]) -> AbstractContextManager[RowAdapterNames | None]:
-        """A context in which each batch row runs with its own adapter (``base`` for none), nothing merged."""
         self._weights.restore()
-        if self._peft is None:  # no adapter was ever loaded: the model is the plain base model
+        if self.peft is None:  # no adapter was ever loaded: the model is the plain base model
             if any(n != BASE_ADAPTER for n in names):
                 raise AdapterError("adapters requested before any was loaded")
             return nullcontext(None)
@@ -242,9 +292,9 @@ class AdapterManager:
         if len(distinct) == 1 and BASE_ADAPTER not in distinct:
             # One adapter for the whole batch: PEFT's plain active-adapter path, exactly what
             # PeftModel.generate runs, and no per-row gather.
-            self._peft.set_adapter(names[0], inference_mode=True)
+            self.peft.set_adapter(names[0], inference_mode=True)
             return nullcontext(None)
-        return row_adapters(self._layers, [PEFT_BASE if n == BASE_ADAPTER else n for n in names])
+        return row_adapters(self.layers, [PEFT_BASE if n == BASE_ADAPTER else n for n in names])
 
 
 def _skeleton_module_names(base_model: str) -> list[str]:

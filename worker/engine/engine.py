@@ -10,16 +10,25 @@ Weights modes (decided per admission, batching.py): ``merged`` merges one adapte
 one batch; ``auto`` merges while one adapter fills the batch and mixes otherwise. The measurements behind the
 rules are in the README's engine section.
 
+Forward paths (``forward``): ``transformers`` runs transformers' eager forward with PEFT's LoRA layers
+(stepper.py); ``native`` runs the project's own forward over the same parameter tensors (qwen2.py) with a KV
+cache of fixed slots allocated once (kv_slots.py), every resident adapter stacked for one batched op per
+projection (lora_stack.py) and the decode step under CUDA graphs on a GPU (graphs.py, slot_stepper.py).
+``auto`` takes native where the model and every configured adapter can run there (and, on CPU, where it is
+at least as fast: NATIVE_ON_CPU).
+
 This module knows nothing about Celery, SQL, job ids or where settings come from; it is not thread-safe,
 and it does not care which thread calls it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
+from lorabatch.schemas.errors import AdapterError, LorabatchError
 from lorabatch.worker.engine import decode
 from lorabatch.worker.engine.model import context_length, eos_token_ids, load_base
 from lorabatch.worker.engine.params import (
@@ -36,6 +45,12 @@ if TYPE_CHECKING:
     from lorabatch.worker.engine.adapters import AdapterManager
 
 __all__ = ["Engine", "GenerationRequest", "GenerationResult", "SamplingParams"]
+
+log = logging.getLogger(__name__)
+
+NATIVE_ON_CPU = True
+"""forward = "auto" on CPU: the native path (measured faster than transformers' on the ragged workload; the
+README's engine section has the figures)."""
 
 
 class RequestRefused(Exception):
@@ -58,28 +73,106 @@ class Engine:
         adapters: AdapterManager,
         *,
         weights: Literal["auto", "merged", "separate"] = "auto",
-        max_batch_size: int = 32,
-        max_batch_tokens: int = 16384,
+        max_batch_size: int | Literal["auto"] = 32,
+        max_batch_tokens: int | Literal["auto"] = 16384,
         max_context: int | None = None,
         min_merged_rows: int | None = None,
+        forward: Literal["auto", "native", "transformers"] = "transformers",
+        cuda_graphs: bool = True,
+        gpu_memory_fraction: float = 0.9,
     ) -> None:
         """``max_context``: prompt + max_new_tokens limit (default: the model's max_position_embeddings);
-        ``min_merged_rows``: auto mode's threshold (default: batching.AUTO_MERGED_FILL of max_batch_size)."""
+        ``min_merged_rows``: auto mode's threshold (default: batching.AUTO_MERGED_FILL of max_batch_size);
+        ``forward``: the forward path (module docstring); "auto" batch sizes are resolved here, once."""
         if weights not in ("auto", "merged", "separate"):
             raise ValueError(f"weights must be auto, merged or separate, not {weights!r}")
         self.model = model  # PEFT wraps it in place: the same module carries every loaded LoRA layer
         self.tokenizer = tokenizer
         self.adapters = adapters
         self.weights = weights
-        self.max_batch_size = max_batch_size
-        self.max_batch_tokens = max_batch_tokens
         self.max_context = max_context or context_length(model)
         self.min_merged_rows = min_merged_rows
         self.device = next(model.parameters()).device
         self.eos = eos_token_ids(model, tokenizer)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        adapters.bind(model)
+        self.forward = self._pick_forward(forward)
+        self.native = self.kv = self.runner = None
+        if self.forward == "native":
+            self._build_native(max_batch_size, max_batch_tokens, cuda_graphs=cuda_graphs,
+                               gpu_memory_fraction=gpu_memory_fraction)
+        else:
+            self.max_batch_size = 32 if max_batch_size == "auto" else int(max_batch_size)
+            self.max_batch_tokens = 16384 if max_batch_tokens == "auto" else int(max_batch_tokens)
+            adapters.bind(model)
+
+    def _pick_forward(self, forward: str) -> str:
+        """native or transformers; "auto": native where the model and every configured adapter run there."""
+        if forward not in ("auto", "native", "transformers"):
+            raise ValueError(f"forward must be auto, native or transformers, not {forward!r}")
+        if forward != "auto":
+            return forward
+        if self.device.type == "cpu" and not NATIVE_ON_CPU:
+            return "transformers"
+        from lorabatch.worker.engine.lora_stack import check_native
+        from lorabatch.worker.engine.qwen2 import check_supported
+
+        try:
+            check_supported(self.model)
+            for name in self.adapters.configured():
+                check_native(self.adapters.spec(name))
+        except (LorabatchError, AdapterError) as e:
+            log.warning("forward = auto: the transformers path, because %s", e)
+            return "transformers"
+        return "native"
+
+    def _build_native(self, max_batch_size: Any, max_batch_tokens: Any, *, cuda_graphs: bool,
+                      gpu_memory_fraction: float) -> None:
+        """The native forward, its adapter backend and its KV slots (sized from what is free after a warm-up)."""
+        from lorabatch.worker.engine.graphs import DecodeRunner
+        from lorabatch.worker.engine.kv_slots import KVSlots, Shape, plan_slots
+        from lorabatch.worker.engine.lora_stack import NativeBackend
+        from lorabatch.worker.engine.qwen2 import NativeModel
+
+        self.native = NativeModel(self.model)
+        if getattr(self.adapters.backend, "kind", None) != "native":
+            if self.adapters.resident:
+                raise ValueError("the adapter manager already holds PEFT adapters; give the native engine a fresh one")
+            self.adapters.backend = NativeBackend()
+        self.adapters.bind(self.model)
+        shape = Shape.of(self.model)
+        free = None
+        if self.device.type == "cuda":
+            free = self._free_after_warm_up(shape, gpu_memory_fraction)
+        plan = plan_slots(shape, max_context=self.max_context, max_batch_size=max_batch_size,
+                          max_batch_tokens=max_batch_tokens, gpu_memory_fraction=gpu_memory_fraction, free_bytes=free)
+        self.kv = KVSlots(shape, slots=plan.slots, slot_len=plan.slot_len)
+        self.max_batch_size, self.max_batch_tokens = plan.slots, plan.max_batch_tokens
+        self.max_context = min(self.max_context or plan.slot_len, plan.slot_len)
+        self.runner = DecodeRunner(self.native, self.kv, self.adapters.backend, cuda_graphs=cuda_graphs)
+        log.info("native forward: %d KV slots of %d tokens (%.2f GiB), max_batch_tokens %d, cuda graphs %s",
+                 plan.slots, plan.slot_len, self.kv.nbytes / 2**30, plan.max_batch_tokens, self.runner.graphs_on)
+
+    def _free_after_warm_up(self, shape: Any, fraction: float) -> int:
+        """Bytes the KV cache may take: the card's ``fraction``, less what is allocated and a prefill's peak."""
+        import torch
+
+        from lorabatch.worker.engine.kv_slots import KVSlots
+
+        tokens = min(self.max_context or 2048, 4096)
+        scratch = KVSlots(shape, slots=1, slot_len=tokens)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        with torch.inference_mode():
+            ids = torch.zeros((1, tokens), dtype=torch.long, device=self.device)
+            last = torch.tensor([tokens - 1], device=self.device)
+            self.native.prefill(ids, last, torch.zeros(1, dtype=torch.long, device=self.device), scratch)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        del scratch
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        # Held by others (other processes, the caching allocator's reserve) counts as used.
+        return max(0, int(total * fraction) - (total - free) - 2 * peak)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Engine:
@@ -87,18 +180,35 @@ class Engine:
         from lorabatch.worker.engine.adapters import AdapterManager
 
         model, tokenizer, _, _ = load_base(settings)
-        return cls(
+        w = settings.worker
+        engine = cls(
             model,
             tokenizer,
             AdapterManager.from_settings(settings),
-            weights=settings.worker.weights,
-            max_batch_size=settings.worker.max_batch_size,
-            max_batch_tokens=settings.worker.max_batch_tokens,
+            weights=w.weights,
+            max_batch_size=w.max_batch_size,
+            max_batch_tokens=w.max_batch_tokens,
             max_context=settings.model.max_context,
+            forward=getattr(w, "forward", "transformers"),
+            cuda_graphs=getattr(w, "cuda_graphs", True),
+            gpu_memory_fraction=getattr(w, "gpu_memory_fraction", 0.9),
         )
+        # "auto" sizes are resolved once, here: every later reader of these settings sees the engine's ints.
+        w.max_batch_size, w.max_batch_tokens = engine.max_batch_size, engine.max_batch_tokens
+        return engine
+
+    def resolved(self, settings: Settings) -> Settings:
+        """``settings`` with [worker] max_batch_size/max_batch_tokens replaced by what this engine runs with."""
+        sizes = {"max_batch_size": self.max_batch_size, "max_batch_tokens": self.max_batch_tokens}
+        return settings.model_copy(update={"worker": settings.worker.model_copy(update=sizes)})
 
     def stepper(self) -> Stepper:
-        """A new running batch on this engine's model; one thread drives it (see stepper.py)."""
+        """A new running batch on this engine's model; one thread drives it (see stepper.py, slot_stepper.py).
+        On the native path one stepper at a time: they share the engine's KV slots."""
+        if self.forward == "native":
+            from lorabatch.worker.engine.slot_stepper import SlotStepper
+
+            return SlotStepper(self)
         return Stepper(self)
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
