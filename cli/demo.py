@@ -2,7 +2,8 @@
 
 Builds the demo model and its four adapters (once, under the state directory), writes a
 config pointing at them, starts the embedded Redis and a worker process, submits a job over
-every adapter and the base model in all input shapes, shows progress, and prints results.
+every adapter and the base model in all input shapes, shows progress, and prints results; then
+stops the worker, and the embedded Redis if the demo started it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import click
 
 from lorabatch.cli.init import render_config
+from lorabatch.cli.stop import embedded_redis_info
 from lorabatch.demo.build import DEMO_ADAPTERS, DEMO_MODEL_DIR, ensure_demo
 from lorabatch.producer.status import format_summary, watch
 from lorabatch.producer.submit import submit_file
@@ -63,6 +65,8 @@ def run_demo(*, config: str | None, n_requests: int, max_new_tokens: int) -> Non
                    + (f'database_url = "{outer.database_url}"\n' if outer.database_url else ""))
     settings = load_settings(cfg)
     ctx = Context(settings)
+    # The demo stops the embedded Redis when it ends if it started it (one already running serves others).
+    ours = not settings.broker_url and embedded_redis_info(settings.state_path) is None
     url = broker.broker_url(settings)
     click.echo(f"broker: {'embedded Redis' if not settings.broker_url else 'Redis'}, "
                f"database: {'SQLite' if not settings.database_url else 'external'}, state in {settings.state_path}", err=True)
@@ -90,6 +94,9 @@ def run_demo(*, config: str | None, n_requests: int, max_new_tokens: int) -> Non
     finally:
         _stop(worker)
         ctx.close()
+        if ours and broker.stop_embedded_redis(settings.state_path):
+            click.echo(f"stopped the embedded Redis the demo started (in {settings.state_path}); in a project, "
+                       "`lorabatch stop` stops its own", err=True)
 
 
 def _watch_while_alive(ctx: Context, job_id: str, worker: subprocess.Popen, log_path: Path) -> dict:

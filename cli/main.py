@@ -21,7 +21,8 @@ from lorabatch.cli.db import db_group
 from lorabatch.cli.jobs import COMMANDS as JOB_COMMANDS
 from lorabatch.cli.metrics import metrics_command
 from lorabatch.cli.run import run as run_command
-from lorabatch.producer.inputs import plural
+from lorabatch.cli.stop import stop_command
+from lorabatch.producer.inputs import no_config_message, plural
 from lorabatch.schemas.errors import LorabatchError, UsageError
 from lorabatch.schemas.settings import hide_password
 
@@ -131,9 +132,12 @@ def worker(click_ctx, concurrency, weights, loglevel) -> None:
     if missing:
         raise UsageError(f"the worker needs {', '.join(missing)}, which this install lacks; "
                          "install the worker extra: pip install 'lorabatch[worker]'")
+    settings = context_of(click_ctx).settings
+    if settings.config_path is None:  # else it would serve the default hub model with no adapter
+        raise UsageError(no_config_message(missing="no model or adapter is configured"))
     from lorabatch.worker.runner import run_worker
 
-    run_worker(context_of(click_ctx).settings, concurrency=concurrency, weights=weights, loglevel=loglevel)
+    run_worker(settings, concurrency=concurrency, weights=weights, loglevel=loglevel)
 
 
 @cli.command()
@@ -187,24 +191,20 @@ def reconcile(click_ctx) -> None:
 
 
 @cli.command("config")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of TOML-like sections.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (every field) instead of TOML.")
 @click.pass_context
 def show_config(click_ctx, as_json) -> None:
-    """Print the settings in force (passwords hidden)."""
+    """Print the settings in force as a lorabatch.toml that loads back (passwords hidden)."""
     s = context_of(click_ctx).settings
+    if not as_json:
+        from lorabatch.cli.show_config import settings_toml
+
+        click.echo(settings_toml(s), nl=False)
+        return
     data = json.loads(s.model_dump_json())
     data["broker_url"] = hide_password(s.broker_url)
     data["database_url"] = hide_password(s.database_url)
-    if as_json:
-        click.echo(json.dumps(data, indent=2))
-        return
-    sections = {k: data.pop(k) for k in ("model", "adapters", "worker", "limits")}
-    sections["service"] = data
-    for name, values in sections.items():
-        click.echo(f"[{name}]")
-        for key, value in values.items():
-            click.echo(f"{key} = {json.dumps(value)}")
-        click.echo()
+    click.echo(json.dumps(data, indent=2))
 
 
 for _command in [*JOB_COMMANDS, *ANNOTATION_COMMANDS]:  # commands that live in their own modules
@@ -212,6 +212,7 @@ for _command in [*JOB_COMMANDS, *ANNOTATION_COMMANDS]:  # commands that live in 
 cli.add_command(run_command)
 cli.add_command(db_group)
 cli.add_command(metrics_command)
+cli.add_command(stop_command)
 for _command in cli.commands.values():  # the command list shows whole first lines, never "..." cut ones
     if _command.short_help is None and _command.help:
         _command.short_help = _command.help.strip().split("\n\n")[0].replace("\n", " ")

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from lorabatch.schemas.errors import LorabatchError, UsageError
+from lorabatch.schemas.errors import InvalidInput, LorabatchError, UsageError
 from lorabatch.schemas.settings import Settings, load_settings
 from lorabatch.schemas.states import JobState
 from lorabatch.store.context import Context
@@ -165,14 +165,31 @@ class Client:
                                      idempotency_key=idempotency_key)
         with tempfile.TemporaryDirectory(prefix="lorabatch-") as tmp:
             path = Path(tmp) / "requests.jsonl"
+            count = 0
             with path.open("w", encoding="utf-8") as f:
                 for i, line in enumerate(source):
                     if not isinstance(line, Mapping):
                         raise UsageError(f"item {i} of the requests is a {type(line).__name__}, not a dict; "
                                          "give dicts shaped like input lines.")
                     f.write(json.dumps(line, ensure_ascii=False) + "\n")
-            return self._submit_file(str(path), adapter=adapter, name=name or "requests", priority=priority,
-                                     idempotency_key=idempotency_key)
+                    count += 1
+            if not count:
+                raise InvalidInput("the requests are empty; give at least one dict shaped like an input line.")
+            try:
+                return self._submit_file(str(path), adapter=adapter, name=name or "requests", priority=priority,
+                                         idempotency_key=idempotency_key)
+            except InvalidInput as e:  # name the caller's items, not the temporary file they were written to
+                raise self._as_items(e, path) from None
+
+    def _as_items(self, error: InvalidInput, path: Path) -> InvalidInput:
+        """`error` about the temporary file, reworded for the list it was written from: line N is item N-1."""
+        from lorabatch.producer.inputs import problem_message
+
+        if not error.problems:
+            return InvalidInput(str(error).replace(str(path), "the requests"))
+        items = [(n - 1, reason) for n, reason in error.problems]
+        return InvalidInput(problem_message("the requests", error.problems, settings=self.settings, unit="item",
+                                            first=0), items)
 
     def _submit_file(self, source: str, *, adapter, name, priority, idempotency_key) -> Job:
         from lorabatch.producer.submit import submit_file

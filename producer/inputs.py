@@ -55,22 +55,31 @@ def read_specs(settings: Settings, path: Path, *, default_adapter: str | None = 
     if problems:
         raise InvalidInput(problem_message(path, problems, settings=settings), problems)
     if not specs:
-        raise InvalidInput(f"{path} has no requests, only blank lines; give one JSON request per line.")
+        raise InvalidInput(no_requests_message(path))
     return specs
 
 
-def problem_message(path: Path | str, problems: list[tuple[int, str]], *, settings: Settings) -> str:
+def no_requests_message(source: Path | str) -> str:
+    """The one wording for a file with no request in it (empty, or blank lines only): submit and run."""
+    return f"{source} has no requests (it is empty or holds only blank lines); give one JSON request per line."
+
+
+def problem_message(path: Path | str, problems: list[tuple[int, str]], *, settings: Settings,
+                    unit: str = "line", first: int = 1) -> str:
     """One message for a file's bad lines. With no lorabatch.toml found, lines naming adapters are all
-    'unknown': say that once instead of listing every line."""
+    'unknown': say that once instead of listing every line. `unit` and `first` name the problems
+    otherwise ("item", 0: the Python client's list of requests, which has no file and no line numbers)."""
     if settings.config_path is None and any("unknown adapter" in reason for _, reason in problems):
         return no_config_message()
-    shown = "\n".join(f"  line {n}: {reason}" for n, reason in problems[:MAX_PROBLEMS_SHOWN])
+    shown = "\n".join(f"  {unit} {n - 1 + first}: {reason}" for n, reason in problems[:MAX_PROBLEMS_SHOWN])
     more = f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
-    return f"{path}: {plural(len(problems), 'invalid line')}; nothing was submitted. Fix them and submit again:\n{shown}{more}"
+    return (f"{path}: {plural(len(problems), 'invalid ' + unit)}; nothing was submitted. Fix them and submit again:"
+            f"\n{shown}{more}")
 
 
-def no_config_message() -> str:
-    return (f"no lorabatch.toml found in {Path.cwd()}, so no adapter is configured; run this in your project "
+def no_config_message(*, missing: str = "no adapter is configured") -> str:
+    """The one wording for "there is no lorabatch.toml here" (submit, run, worker)."""
+    return (f"no lorabatch.toml found in {Path.cwd()}, so {missing}; run this in your project "
             "folder, pass --config FILE (or set LORABATCH_CONFIG), or create one with `lorabatch init`.")
 
 

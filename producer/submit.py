@@ -13,20 +13,19 @@ import hashlib
 import shutil
 import sys
 import tempfile
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from lorabatch.producer import inputs
 from lorabatch.producer.prompt_check import PromptLengthCheck
 from lorabatch.schemas.errors import InvalidInput, UsageError
 from lorabatch.schemas.settings import BASE_ADAPTER
-from lorabatch.schemas.tables import Job, Request
+from lorabatch.schemas.tables import Job
 from lorabatch.store import broker, lifecycle, outbox
 from lorabatch.store.context import Context
 from lorabatch.store.db import transaction
@@ -56,9 +55,9 @@ def submit_file(ctx: Context, source: str, *, adapter: str | None = None, name: 
         known = ", ".join(sorted(set(ctx.settings.adapters) | {BASE_ADAPTER}))
         raise UsageError(f"--adapter {adapter!r} is not configured; use one of: {known}.")
     with _opened(source) as (path, display):
-        _check_size(ctx, path)
+        _check_size(ctx, path, display)
         content_hash = _content_hash(path, adapter)
-        if idempotency_key and (existing := _complete_job_for_key(ctx, idempotency_key)):
+        if idempotency_key and (existing := _job_for_key(ctx, idempotency_key)):
             return _same_content(existing, content_hash, idempotency_key)
         broker.check_broker(ctx.celery)
         job_id = "job-" + uuid.uuid4().hex[:16]
@@ -103,11 +102,11 @@ def _content_hash(path: Path, adapter: str | None) -> str:
     return h.hexdigest()
 
 
-def _check_size(ctx: Context, path: Path) -> None:
+def _check_size(ctx: Context, path: Path, display: str) -> None:
     limits = ctx.settings.limits
     size = path.stat().st_size
     if size == 0:
-        raise InvalidInput(f"{path} is empty; give a file with one JSON request per line.")
+        raise InvalidInput(inputs.no_requests_message(display))
     if size > limits.max_file_bytes:
         raise InvalidInput(
             f"{path} is {size} bytes, over the limit of {limits.max_file_bytes}; split it into smaller files "
@@ -152,7 +151,7 @@ def _insert_valid_requests(ctx: Context, job_id: str, path: Path, display: str, 
     if problems:
         raise InvalidInput(inputs.problem_message(display, problems, settings=ctx.settings), problems)
     if total == 0:
-        raise InvalidInput(f"{path} has no requests, only blank lines; give one JSON request per line.")
+        raise InvalidInput(inputs.no_requests_message(display))
     _insert(ctx, rows)
     return total
 
@@ -170,35 +169,6 @@ def _has_nul(value) -> bool:
     if isinstance(value, (list, tuple)):
         return any(_has_nul(v) for v in value)
     return False
-
-
-INSERT_STALE_SECONDS = 30.0
-"""A hidden job (total 0) whose requests have stopped arriving for this long lost its submit (killed
-while inserting): a submit with the same idempotency key replaces it."""
-
-
-def _complete_job_for_key(ctx: Context, key: str) -> Job | None:
-    """The job an earlier submit with `key` created, once it is complete (None: none, make it).
-
-    A hidden one (total 0: its submit is still inserting, or was killed doing so) is waited for while
-    its requests keep arriving: if it opens, it is the answer. If none arrive for INSERT_STALE_SECONDS,
-    its submit is presumed dead: the job is deleted with its requests (only if still hidden) and this
-    submit makes the job. Were that submit alive after all, only slower, its next insert fails (its
-    job is gone) and it reports the error; the job made here stands, under the same key."""
-    seen, since = None, time.monotonic()
-    while True:
-        with ctx.sessions() as session:
-            job = session.execute(select(Job).where(Job.idempotency_key == key)).scalar_one_or_none()
-            if job is None or job.total > 0:
-                return job
-            inserted = session.scalar(select(func.count()).select_from(Request).where(Request.job_id == job.id))
-        if inserted != seen:
-            seen, since = inserted, time.monotonic()
-        elif time.monotonic() - since > INSERT_STALE_SECONDS:
-            with transaction(ctx.sessions) as session:
-                lifecycle.delete_job(session, job.id, only_hidden=True)
-            continue  # gone (this submit makes the job), or opened meanwhile (the answer)
-        time.sleep(0.5)
 
 
 def _job_for_key(ctx: Context, key: str) -> Job | None:

@@ -118,7 +118,9 @@ def _parse_openai(obj: dict, *, line_no: int, adapters, limits: LimitSettings, d
 
 def _refuse_unserved(body: dict) -> None:
     """Refuse every body field lorabatch would otherwise ignore: a silently dropped `n`, `logprobs` or
-    `response_format` returns something other than what was asked for."""
+    `response_format` returns something other than what was asked for. All of a line's such fields
+    are named at once, so one round of fixes is enough."""
+    fields, fixes, other = [], [], False
     for key in sorted(body):
         value = body[key]
         if key in OPENAI_SERVED or value is None:
@@ -127,11 +129,25 @@ def _refuse_unserved(body: dict) -> None:
         if neutral is not None and any(value == v and type(value) is type(v) for v in neutral):
             continue
         if neutral is not None:
-            allowed = " or ".join(json.dumps(v) for v in neutral)
-            raise LineError(f"has body.{key}={json.dumps(value)}, which lorabatch does not serve; "
-                            f"remove it or set it to {allowed}")
-        raise LineError(f"has body.{key}, which lorabatch does not serve; remove it (served: "
-                        f"{', '.join(sorted(OPENAI_SERVED))})")
+            fields.append(f"body.{key}={json.dumps(value)}")
+            fixes.append(f"{key} to {' or '.join(json.dumps(v) for v in neutral)}")
+        else:
+            fields.append(f"body.{key}")
+            other = True
+    if not fields:
+        return
+    it = "it" if len(fields) == 1 else "them"
+    if len(fields) == 1 and fixes:
+        fix = f"remove it or set it to {fixes[0].split(' to ', 1)[1]}"
+    else:
+        fix = f"remove {it}" + (f" (or set {', '.join(fixes)})" if fixes else "")
+    served = ", ".join(sorted(OPENAI_SERVED))
+    served = "" if not other else f"; served: {served}" if "(" in fix else f" (served: {served})"
+    raise LineError(f"has {_and(fields)}, which lorabatch does not serve; {fix}{served}")
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
 
 
 def _custom_id(value: Any, line_no: int) -> str:

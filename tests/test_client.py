@@ -58,11 +58,19 @@ def test_submit_wait_results_with_a_real_worker(config_path, start_worker, demo_
 
 
 def test_errors_are_the_cli_errors(config_path, tmp_path):
-    """Bad requests raise InvalidInput listing the lines; an unknown job raises NotFound."""
+    """Bad requests raise InvalidInput naming the item (never the temporary file they pass through), every
+    problem of an item at once; no items is one line; an unknown job raises NotFound."""
     with Client(config_path) as client:
-        with pytest.raises(InvalidInput, match="line 2: has body.n=2"):
+        with pytest.raises(InvalidInput) as e:
             client.submit([LINES[0], {"custom_id": "x", "method": "POST", "url": "/v1/chat/completions",
-                                      "body": {"model": "sft", "messages": [{"role": "user", "content": "x"}], "n": 2}}])
+                                      "body": {"model": "sft", "messages": [{"role": "user", "content": "x"}], "n": 2,
+                                               "response_format": {"type": "json_object"}}}])
+        message = str(e.value)
+        assert message.startswith("the requests: 1 invalid item;") and "requests.jsonl" not in message, message
+        assert "\n  item 1: has body.n=2 and body.response_format, which lorabatch does not serve" in message
+        assert e.value.problems == [(1, e.value.problems[0][1])]
+        with pytest.raises(InvalidInput, match="^the requests are empty"):
+            client.submit([])
         with pytest.raises(NotFound):
             client.job("job-nothing")
 

@@ -138,6 +138,10 @@ def test_demo_command_runs_the_main_job(tmp_path):
         assert "completed  20/20 done" in r.stdout and "succeeded 20" in r.stdout
         shown = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
         assert {s["adapter"] for s in shown} == set(ADAPTERS) and all(s["status"] == "succeeded" for s in shown)
+        from lorabatch.cli.stop import embedded_redis_info
+
+        assert "stopped the embedded Redis the demo started" in r.stderr, r.stderr[-2000:]
+        assert embedded_redis_info(tmp_path / "state") is None, "the demo's Redis outlives it"
     finally:
         from lorabatch.store import broker
 

@@ -22,6 +22,8 @@ def parse(obj, **kw):
     "line, reason",
     [
         ('{"prompt": "hi"', "not valid JSON"),
+        ('{"custom_id": "a" "prompt": "x"}', "is not valid JSON (Expecting ',' delimiter at column 19)"),
+        ("prompt: hi", "is not valid JSON (Expecting value at column 1)"),
         ("[1, 2]", "not an object"),
         ('"just a string"', "not an object"),
         (b'{"adapter": "sft", "prompt": "caf\xe9"}', "not valid UTF-8"),
@@ -101,3 +103,21 @@ def test_openai_batch_line():
 def test_missing_custom_id_gets_line_number():
     """A line without custom_id is named after its line number."""
     assert parse({"adapter": "sft", "prompt": "a"}).custom_id == "line-7"
+
+
+@pytest.mark.parametrize(
+    "extra, reason",
+    [
+        ({"n": 2, "response_format": {"type": "json_object"}},
+         "has body.n=2 and body.response_format, which lorabatch does not serve; remove them (or set n to 1); served: "),
+        ({"n": 2, "logprobs": True}, "has body.logprobs=true and body.n=2, which lorabatch does not serve; "
+                                     "remove them (or set logprobs to false, n to 1)"),
+        ({"n": 2}, "has body.n=2, which lorabatch does not serve; remove it or set it to 1"),
+    ],
+)
+def test_every_unserved_field_of_a_line_is_named_at_once(extra, reason):
+    """A line asking for several things lorabatch does not serve names them all in its one reason."""
+    body = {"model": "sft", "messages": [{"role": "user", "content": "a"}], **extra}
+    with pytest.raises(LineError) as e:
+        parse({"custom_id": "r", "method": "POST", "url": "/v1/chat/completions", "body": body})
+    assert str(e.value).startswith(reason), str(e.value)

@@ -72,22 +72,25 @@ def test_invalid_file_is_rejected_whole(config_path, tmp_path, ctx, redis_flushe
     r = run_cli(config_path, "submit", str(write_jsonl(tmp_path / "bad.jsonl", lines)))
     assert r.returncode == 2
     assert "line 2:" in r.stderr and "line 4:" in r.stderr and "line 5:" in r.stderr and "repeats custom_id" in r.stderr
+    assert "line 2: is not valid JSON (Expecting property name enclosed in double quotes at column 2)" in r.stderr
     assert "3 invalid lines;" in r.stderr and "Traceback" not in r.stderr
     assert r.stdout == ""
     assert count_jobs(ctx) == 0
     assert queued_messages(redis_flushed) == 0
 
 
-@pytest.mark.parametrize(
-    "content, expect",
-    [(b"", "is empty"), (b"\n\n", "only blank lines")],
-)
-def test_empty_file_is_rejected(config_path, tmp_path, content, expect):
-    """An empty file (or only blank lines) is bad input."""
+@pytest.mark.parametrize("content", [b"", b"\n\n"])
+def test_empty_file_is_rejected(config_path, tmp_path, content):
+    """An empty file (or only blank lines) is bad input, in the one wording submit and run share; standard
+    input is named as such, not by the temporary file it is spooled to."""
+    from lorabatch.producer.inputs import no_requests_message
+
     p = tmp_path / "empty.jsonl"
     p.write_bytes(content)
     r = run_cli(config_path, "submit", str(p))
-    assert r.returncode == 2 and expect in r.stderr
+    assert r.returncode == 2 and r.stderr == f"error: {no_requests_message(str(p))}\n"
+    r = run_cli(config_path, "submit", "-", input=content.decode())
+    assert r.returncode == 2 and r.stderr == f"error: {no_requests_message('<stdin>')}\n"
 
 
 def test_status_jobs_cancel_results_without_worker(config_path, tmp_path, ctx):
