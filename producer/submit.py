@@ -13,19 +13,20 @@ import hashlib
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from lorabatch.producer import inputs
 from lorabatch.producer.prompt_check import PromptLengthCheck
 from lorabatch.schemas.errors import InvalidInput, UsageError
 from lorabatch.schemas.settings import BASE_ADAPTER
-from lorabatch.schemas.tables import Job
+from lorabatch.schemas.tables import Job, Request
 from lorabatch.store import broker, lifecycle, outbox
 from lorabatch.store.context import Context
 from lorabatch.store.db import transaction
@@ -57,7 +58,7 @@ def submit_file(ctx: Context, source: str, *, adapter: str | None = None, name: 
     with _opened(source) as (path, display):
         _check_size(ctx, path, display)
         content_hash = _content_hash(path, adapter)
-        if idempotency_key and (existing := _job_for_key(ctx, idempotency_key)):
+        if idempotency_key and (existing := _complete_job_for_key(ctx, idempotency_key)):
             return _same_content(existing, content_hash, idempotency_key)
         broker.check_broker(ctx.celery)
         job_id = "job-" + uuid.uuid4().hex[:16]
@@ -169,6 +170,35 @@ def _has_nul(value) -> bool:
     if isinstance(value, (list, tuple)):
         return any(_has_nul(v) for v in value)
     return False
+
+
+INSERT_STALE_SECONDS = 30.0
+"""A hidden job (total 0) whose requests have stopped arriving for this long lost its submit (killed
+while inserting): a submit with the same idempotency key replaces it."""
+
+
+def _complete_job_for_key(ctx: Context, key: str) -> Job | None:
+    """The job an earlier submit with `key` created, once it is complete (None: none, make it).
+
+    A hidden one (total 0: its submit is still inserting, or was killed doing so) is waited for while
+    its requests keep arriving: if it opens, it is the answer. If none arrive for INSERT_STALE_SECONDS,
+    its submit is presumed dead: the job is deleted with its requests (only if still hidden) and this
+    submit makes the job. Were that submit alive after all, only slower, its next insert fails (its
+    job is gone) and it reports the error; the job made here stands, under the same key."""
+    seen, since = None, time.monotonic()
+    while True:
+        with ctx.sessions() as session:
+            job = session.execute(select(Job).where(Job.idempotency_key == key)).scalar_one_or_none()
+            if job is None or job.total > 0:
+                return job
+            inserted = session.scalar(select(func.count()).select_from(Request).where(Request.job_id == job.id))
+        if inserted != seen:
+            seen, since = inserted, time.monotonic()
+        elif time.monotonic() - since > INSERT_STALE_SECONDS:
+            with transaction(ctx.sessions) as session:
+                lifecycle.delete_job(session, job.id, only_hidden=True)
+            continue  # gone (this submit makes the job), or opened meanwhile (the answer)
+        time.sleep(0.5)
 
 
 def _job_for_key(ctx: Context, key: str) -> Job | None:
