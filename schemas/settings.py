@@ -29,6 +29,11 @@ BASE_ADAPTER = "base"
 ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
+INTERNAL = {"internal": True}
+"""Marks a field for tests and benchmarks (or kept only so old files load): `lorabatch config` leaves
+it out while it has its default."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -71,15 +76,15 @@ class WorkerSettings(_Section):
     workers could run; a message is released as soon as its requests join the running batch."""
     shutdown_grace_seconds: float = Field(10.0, ge=0)
     """On SIGTERM, how long the running batch goes on before what is still generating is handed back."""
-    engine: Literal["model", "instant"] = "model"
+    engine: Literal["model", "instant"] = Field("model", json_schema_extra=INTERNAL)
     """instant: answer every request at once without loading a model, to measure the queue and the
     database alone (benchmarks, soaks). Never for real work."""
-    instant_step_seconds: float = Field(0.0, ge=0)
+    instant_step_seconds: float = Field(0.0, ge=0, json_schema_extra=INTERNAL)
     """With engine = "instant": how long each step takes (rows live 1-8 steps), so that a soak can
     kill workers while requests run."""
     metrics_port: int | None = Field(None, ge=1, le=65535)
     """Serve Prometheus metrics on this port (None: off)."""
-    gather_seconds: float = Field(0.2, ge=0)
+    gather_seconds: float = Field(0.2, ge=0, json_schema_extra=INTERNAL)
     """Unused since continuous batching (rows join a running batch as others end); still accepted so
     that round-1 configuration files keep working."""
     lease_seconds: float = Field(30.0, gt=0)
