@@ -131,10 +131,17 @@ def schedule_add(click_ctx, name, dataset, cron, tz, replace, **options) -> None
 
     ctx = context_of(click_ctx)
     schedules.check_cron(cron, tz)
-    spec = _spec(ctx, dataset, absolute=True, **options)
+    spec, outside = schedules.project_relative(ctx.settings, _spec(ctx, dataset, absolute=True, **options))
     sch = schedules.add_schedule(ctx, name, cron=cron, tz=tz, spec=spec, replace=replace)
+    if outside:
+        paths, verb = ", ".join(outside), "is" if len(outside) == 1 else "are"
+        why = (f"{paths} {verb} outside the project folder {ctx.settings.config_path.parent}, so stored absolute"
+               if ctx.settings.config_path else f"no lorabatch.toml here, so {paths} {verb} stored absolute")
+        click.echo(f"warning: {why}: `lorabatch beat` must see the same path; keep datasets inside the project "
+                   "folder (in Docker Compose: deploy/data) to store them relative to it", err=True)
     try:
-        resolve_datasets(spec.datasets, output=spec.output)
+        checked = schedules.resolved_spec(ctx.settings, spec.to_dict())
+        resolve_datasets(checked.datasets, output=checked.output)
     except LorabatchError as e:
         click.echo(f"warning: {e} (the schedule is saved; each run reads what matches then)", err=True)
     if len(dataset) > 1:

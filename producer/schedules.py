@@ -10,13 +10,21 @@ schedule's name; the beat writes its output when the job ends (annotation.finish
 
 Time: `now` is naive UTC (as every stored timestamp) and always passed in, so tests can move
 the clock. The cron expression is read in the schedule's time zone.
+
+Paths: a schedule stores its datasets and output relative to the project folder (the folder of
+lorabatch.toml) when they are inside it, and each firing resolves them against the project folder
+of the beat that fires it: a schedule added on a laptop runs in a container that mounts the project
+elsewhere. Paths outside the project stay absolute (`schedule add` warns), as older schedules' are.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import re
 from datetime import datetime, timezone
+from pathlib import Path, PurePath
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy import select, update
@@ -24,6 +32,7 @@ from sqlalchemy import select, update
 from lorabatch.producer import annotation
 from lorabatch.schemas.annotation_tables import AnnotationRun, Schedule
 from lorabatch.schemas.errors import NotFound, UsageError
+from lorabatch.schemas.settings import Settings
 from lorabatch.schemas.tables import Job, utcnow
 from lorabatch.store.context import Context
 from lorabatch.store.db import transaction
@@ -86,6 +95,42 @@ def due_slot(schedule: Schedule, now: datetime) -> datetime | None:
     if slot <= schedule.counts_from or (schedule.last_fired_at and slot <= schedule.last_fired_at):
         return None
     return slot
+
+
+# ---------------------------------------------------------------- paths
+
+
+def project_relative(settings: Settings, spec: annotation.RunSpec) -> tuple[annotation.RunSpec, list[str]]:
+    """`spec` with its absolute dataset and output paths made relative to the project folder where they
+    lie inside it, and the paths left absolute because they lie outside (none without a project)."""
+    project = settings.config_path.parent if settings.config_path else None
+    outside: list[str] = []
+
+    def stored(path: str) -> str:
+        absolute = os.path.normpath(os.path.abspath(os.path.expanduser(path)))
+        if project is not None and PurePath(absolute).is_relative_to(project):
+            return PurePath(absolute).relative_to(project).as_posix() or "."
+        outside.append(absolute)
+        return absolute
+
+    datasets = [stored(d) for d in spec.datasets]
+    output = stored(spec.output) if spec.output else None
+    return dataclasses.replace(spec, datasets=datasets, output=output), outside
+
+
+def resolved_spec(settings: Settings, stored: dict) -> annotation.RunSpec:
+    """A stored schedule's spec with relative paths resolved against this process's project folder
+    (without a lorabatch.toml, the current folder); absolute ones as they are."""
+    spec = annotation.RunSpec.from_dict(stored)
+
+    def resolved(path: str) -> str:
+        if os.path.isabs(os.path.expanduser(path)):
+            return path
+        base = settings.config_path.parent if settings.config_path else Path.cwd()
+        return str(base / path)
+
+    return dataclasses.replace(spec, datasets=[resolved(d) for d in spec.datasets],
+                               output=resolved(spec.output) if spec.output else None)
 
 
 # ---------------------------------------------------------------- managing schedules
@@ -170,7 +215,7 @@ def _iso(moment: datetime | None) -> str | None:
 def run_now(ctx: Context, name: str) -> tuple[str, annotation.Plan]:
     """Start a run of the schedule at once (the same path as a firing); does not move its slot."""
     sch = get_schedule(ctx, name)
-    run_id = annotation.create_run(ctx, annotation.RunSpec.from_dict(sch.spec), schedule=name, detached=True)
+    run_id = annotation.create_run(ctx, resolved_spec(ctx.settings, sch.spec), schedule=name, detached=True)
     return run_id, annotation.submit_run(ctx, run_id)
 
 
@@ -202,7 +247,7 @@ def fire_due(ctx: Context, *, now: datetime) -> list[str]:
         with transaction(annotation.annotation_sessions(ctx)) as s:
             if not claim_slot(s, sch.name, slot):
                 continue  # another beat fired it
-            run_id = annotation.create_run(ctx, annotation.RunSpec.from_dict(sch.spec), schedule=sch.name,
+            run_id = annotation.create_run(ctx, resolved_spec(ctx.settings, sch.spec), schedule=sch.name,
                                          detached=True, session=s, slot=slot)
         started.append(run_id)
         _submit_logged(ctx, run_id, f"schedule {sch.name} fired for {slot:%Y-%m-%d %H:%M} UTC")

@@ -94,7 +94,7 @@ def test_schedule_commands(config_path, tmp_path, capsys):
     assert code == 0 and "schedule nightly saved; next run" in out, err
     listed = json.loads(cli("schedule", "list", "--json")[1])
     assert [(s["name"], s["cron"], s["datasets"], s["adapter"], s["last_run"]) for s in listed] == [
-        ("nightly", DAILY, [str(data)], "sft", None)]
+        ("nightly", DAILY, ["d.jsonl"], "sft", None)], "stored relative to the project folder"
     code, _, err = cli("schedule", "add", "nightly", str(data), *base)
     assert code == 2 and "already exists; pass --replace" in err
     code, _, err = cli("schedule", "add", "x", str(data), "--cron", "every night", "-t", "{text}", "--adapter", "sft")
@@ -166,6 +166,41 @@ def test_paused_or_replaced_schedule_does_not_fire_for_past_slots(ctx, tmp_path)
     schedules.add_schedule(ctx, "s", cron="0 10 * * *", tz="UTC", spec=spec, replace=True, now=t0 + timedelta(days=3, hours=1))
     assert schedules.fire_due(ctx, now=t0 + timedelta(days=3, hours=2)) == [], "10:00 passed before the replacement"
     assert len(schedules.fire_due(ctx, now=t0 + timedelta(days=3, hours=22))) == 1, "the next 10:00 fires"
+
+
+def test_paths_are_stored_relative_to_the_project_and_resolved_where_the_beat_runs(config_path, tmp_path):
+    """`schedule add 'data/*.jsonl'` stores the glob relative to the project folder; a beat whose project
+    folder is elsewhere (a container mounting the project at another path) reads the datasets there."""
+    write_jsonl((tmp_path / "data").mkdir() or tmp_path / "data" / "a.jsonl", [{"text": "here"}])
+    r = add(config_path, "nightly", "data/*.jsonl", "-o", "data/out")
+    assert "warning" not in r.stderr, r.stderr
+    elsewhere = tmp_path / "mounted"
+    (elsewhere / "data").mkdir(parents=True)
+    write_jsonl(elsewhere / "data" / "b.jsonl", [{"text": "there"}, {"text": "and there"}])
+    (elsewhere / "lorabatch.toml").write_text(config_path.read_text())  # the same database, another folder
+    beat_ctx = Context(load_settings(elsewhere / "lorabatch.toml", environ={}))
+    try:
+        [listed] = schedules.list_schedules(beat_ctx)
+        assert (listed["datasets"], listed["output"]) == (["data/*.jsonl"], "data/out")
+        run_id, plan = schedules.run_now(beat_ctx, "nightly")
+        assert sum(len(rows) for rows in plan.rendered.rows) == 2, "the beat's project folder, not the adder's"
+        assert [f.file.input for f in plan.rendered.files] == [elsewhere / "data" / "b.jsonl"]
+        assert plan.rendered.files[0].file.output.parent == elsewhere / "data" / "out"
+    finally:
+        beat_ctx.close()
+
+
+def test_paths_outside_the_project_stay_absolute_with_a_warning(config_path, ctx, tmp_path_factory):
+    """A dataset outside the project folder is stored absolute (with a warning); such schedules, and older
+    ones stored with absolute paths, keep working."""
+    outside = tmp_path_factory.mktemp("shared")
+    data = write_jsonl(outside / "d.jsonl", [{"text": "a"}])
+    r = add(config_path, "shared", data)
+    assert "warning:" in r.stderr and "outside the project folder" in r.stderr and str(data) in r.stderr
+    [listed] = schedules.list_schedules(ctx)
+    assert listed["datasets"] == [str(data)]
+    _, plan = schedules.run_now(ctx, "shared")
+    assert [f.file.input for f in plan.rendered.files] == [data]
 
 
 # ---------------------------------------------------------------- with a worker
