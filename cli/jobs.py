@@ -24,6 +24,26 @@ def retry(click_ctx, job) -> None:
         click.echo(f"job {handle.id} has no failed requests; nothing to retry", err=True)
 
 
+@click.command(epilog=JOB_HELP)
+@click.argument("job")
+@click.option("--adapter", help="Only this adapter (default: every adapter whose weights changed).")
+@click.pass_context
+def retarget(click_ctx, job, adapter) -> None:
+    """Run JOB's unfinished requests on the adapters' current weights (after a retrained adapter)."""
+    from lorabatch.cli.common import context_of
+    from lorabatch.producer.retarget import retarget as retarget_job
+
+    job_id, moved = retarget_job(context_of(click_ctx), job, adapter=adapter)
+    if not moved:
+        click.echo(f"job {job_id}: {'adapter ' + repr(adapter) if adapter else 'every adapter it names'} already "
+                   "runs on the current weights (or none is known); nothing to move", err=True)
+        return
+    for m in moved:
+        click.echo(f"job {job_id}: adapter {m.adapter!r} moved from weights {(m.was or 'unpinned')[:12]} to "
+                   f"{m.now[:12]} ({plural(m.requests, 'unfinished request')}); follow with: "
+                   f"lorabatch status {job_id} --watch", err=True)
+
+
 @click.command()
 @click.option("--state", type=click.Choice([s.value for s in JobState]), help="Only jobs in this state.")
 @click.option("--limit", type=int, default=100, show_default=True, help="At most this many (newest first).")
@@ -80,4 +100,4 @@ def workers(click_ctx, as_json) -> None:
                    f"{w['last_heartbeat'][:19]} ({w['seconds_since_heartbeat']:.0f}s ago)")
 
 
-COMMANDS = [retry, jobs, workers]
+COMMANDS = [retry, retarget, jobs, workers]

@@ -8,7 +8,8 @@ from sqlalchemy import delete, or_, select
 from sqlalchemy.orm import Session
 
 from lorabatch.schemas.errors import NotFound, UsageError
-from lorabatch.schemas.states import JobState
+from lorabatch.schemas.settings import BASE_ADAPTER
+from lorabatch.schemas.states import JobState, RequestState
 from lorabatch.schemas.tables import Job, Outbox, Request, Worker, utcnow
 from lorabatch.store import lifecycle
 
@@ -66,16 +67,34 @@ def worker_record(w: Worker, *, now: datetime | None = None) -> dict:
 
 
 def workers_for_job(session: Session, job: Job, *, lease_seconds: float) -> dict:
-    """Live workers as `status` shows them: how many, the latest heartbeat, and how many serve the
-    job's deployment (None while jobs carry no deployment)."""
+    """Live workers as `status` shows them: how many, the latest heartbeat, how many serve the job's
+    base model (all live ones while the job has none pinned yet), and per adapter it names: the
+    weights it is pinned to, how many of those workers serve exactly them, and what else they serve
+    under that name (the weights changed since)."""
     workers = live_workers(session, lease_seconds=lease_seconds)
     workers.sort(key=lambda w: w.heartbeat_at, reverse=True)
-    serving = None
-    if job.deployment is not None:
-        serving = sum(1 for w in workers if w.deployment == job.deployment)
+    base = [w for w in workers if job.deployment is None or w.deployment == job.deployment]
+    pins = dict(job.adapter_pins or {})
+    if not pins or None in pins.values() and not JobState(job.state).is_final:
+        # upgraded jobs have no pins; unpinned names: what their unfinished requests name
+        for name in session.execute(select(Request.adapter).where(
+                Request.job_id == job.id, Request.state.in_((RequestState.QUEUED.value, RequestState.RUNNING.value)))
+                .distinct()).scalars():
+            pins.setdefault(name, None)
+    pins.pop(BASE_ADAPTER, None)
+    adapters = {}
+    for name, pin in sorted(pins.items()):
+        served = [(w.adapters or {}).get(name) for w in base]
+        adapters[name] = {
+            "pinned": pin,
+            "serving": sum(1 for sha in served if sha is not None and (pin is None or sha == pin)),
+            "other_weights": sorted({sha for sha in served if sha is not None and pin is not None and sha != pin}),
+        }
     return {
         "live": len(workers),
-        "serving": serving,
+        "serving": len(base),
+        "adapters": adapters,
+        "parked": list(job.parked or []),
         "last_heartbeat": _iso(workers[0].heartbeat_at) if workers else None,
     }
 

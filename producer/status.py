@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from lorabatch.producer.inputs import plural
 from lorabatch.producer.jobs import find_job, workers_for_job
 from lorabatch.schemas.states import JobState
 from lorabatch.schemas.tables import Job, utcnow
@@ -59,15 +60,35 @@ def read_summary(sessions: sessionmaker[Session], job_id: str, *, lease_seconds:
 
 
 def worker_note(summary: dict) -> str | None:
-    """One line on who runs the job, or why nothing will: None when the job has ended."""
+    """One line on who runs the job, or why nothing (or not all of it) will: None when the job has ended.
+    The advice fits what is running: a worker of another base model, or one that lacks an adapter or
+    serves other weights under its name, each needs its own fix."""
     w = summary.get("workers")
     if w is None or JobState(summary["state"]).is_final:
         return None
-    if w["serving"] == 0 and w["live"]:
-        return f"no live worker serves this deployment ({w['live']} live serve others); start one with this project's lorabatch.toml: lorabatch worker"
     if not w["live"]:
         return "no live worker: the job waits until you start one: lorabatch worker"
-    n = w["serving"] if w["serving"] is not None else w["live"]
+    if not w["serving"]:
+        return (f"no live worker serves this job's base model ({plural(w['live'], 'live worker')} "
+                f"{'serves' if w['live'] == 1 else 'serve'} another); "
+                "start one whose [model] base is the model this job was submitted with")
+    problems = []
+    for name, a in w.get("adapters", {}).items():
+        if a["serving"]:
+            continue
+        if a["other_weights"]:
+            problems.append(
+                f"adapter {name!r} changed since this job was pinned to it (weights {a['pinned'][:12]}, live workers "
+                f"serve {', '.join(s[:12] for s in a['other_weights'])}): its requests wait; to run them on the "
+                f"current weights: lorabatch retarget {summary['id']} --adapter {name}")
+        else:
+            have = "these weights" if a["pinned"] else "it"
+            problems.append(
+                f"no live worker serves adapter {name!r} ({plural(w['serving'], 'live worker')} of this base model "
+                f"lack {have} under [adapters]): its requests wait; add it to their lorabatch.toml and restart them")
+    if problems:
+        return "; ".join(problems)
+    n = w["serving"]
     return f"{n} live worker{'s' if n != 1 else ''}, last heartbeat {w['last_heartbeat'][11:19]} UTC"
 
 
@@ -116,7 +137,7 @@ def watch(sessions: sessionmaker[Session], job_id: str, *, console: Console | No
             eta = f" ETA {summary['eta_seconds']:.0f}s" if summary["eta_seconds"] is not None else ""
             failed = f" failed {c['failed']}" if c["failed"] else ""
             note = worker_note(summary) if not c["running"] else None
-            workers = f" | {note}" if note and note.startswith("no live") else ""
+            workers = f" | {note}" if note and note.startswith(("no live", "adapter")) else ""
             detail = f"{summary['state']}{failed}{tps}{eta}{workers}"
             bar.update(task, completed=summary["done"], detail=detail, clock=_clock(summary["elapsed_seconds"]))
             if (JobState(summary["state"]).is_final or (deadline and time.monotonic() > deadline)

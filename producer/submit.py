@@ -16,6 +16,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import BinaryIO
 
@@ -29,6 +30,7 @@ from lorabatch.schemas.settings import BASE_ADAPTER
 from lorabatch.schemas.tables import Job, Request
 from lorabatch.store import broker, lifecycle, outbox
 from lorabatch.store.context import Context
+from lorabatch.store.deployment import Served, job_base_key, pins_at_submit
 from lorabatch.store.db import transaction
 from lorabatch.store.reconcile import publish_owed
 from lorabatch.store.retry import with_db_retry
@@ -62,24 +64,28 @@ def submit_file(ctx: Context, source: str, *, adapter: str | None = None, name: 
             return _same_content(existing, content_hash, idempotency_key)
         broker.check_broker(ctx.celery)
         job_id = "job-" + uuid.uuid4().hex[:16]
+        workers = _serving_workers(ctx)
+        base = job_base_key(ctx.settings, workers)
         try:
             with transaction(ctx.sessions) as session:  # hidden until complete: total 0, no message owed
                 lifecycle.create_job(session, job_id=job_id, name=name or Path(display).name, priority=priority,
                                      idempotency_key=idempotency_key, source=display, schedule=schedule,
-                                     deployment=ctx.deployment.id, content_hash=content_hash)
+                                     deployment=base, content_hash=content_hash)
         except IntegrityError:
             existing = _job_for_key(ctx, idempotency_key) if idempotency_key else None
             if existing:  # another submit with the same key won the race
                 return _same_content(existing, content_hash, idempotency_key)
             raise
         try:
-            total = _insert_valid_requests(ctx, job_id, path, display, default_adapter=adapter)
+            total, named = _insert_valid_requests(ctx, job_id, path, display, default_adapter=adapter)
         except BaseException:
             with transaction(ctx.sessions) as session:  # no partial job: its requests go with it
                 lifecycle.delete_job(session, job_id)
             raise
         with transaction(ctx.sessions) as session:
-            lifecycle.open_job(session, job_id, total)
+            # The weights each named adapter runs on; a producer without them asks what workers serve.
+            lifecycle.open_job(session, job_id, total, adapter_pins=pins_at_submit(
+                ctx.settings, named - {BASE_ADAPTER}, key=base, workers=workers))
             owed = outbox.owed_ids(session)
     # Committed, then published. If this process dies in between, the outbox row stays and a
     # worker's reconcile round publishes it ([worker] publish_grace_seconds later).
@@ -115,17 +121,26 @@ def _check_size(ctx: Context, path: Path, display: str) -> None:
         )
 
 
-def _insert_valid_requests(ctx: Context, job_id: str, path: Path, display: str, *, default_adapter: str | None) -> int:
+def _serving_workers(ctx: Context) -> list[Served]:
+    """What the live workers serve, as their heartbeats recorded it."""
+    lease = timedelta(seconds=ctx.settings.worker.lease_seconds)
+    with ctx.sessions() as session:
+        return [Served(w.deployment, w.base, w.adapters or {}) for w in lifecycle.live_workers(session, lease=lease)]
+
+
+def _insert_valid_requests(ctx: Context, job_id: str, path: Path, display: str, *, default_adapter: str | None
+                           ) -> tuple[int, set[str]]:
     """One pass over the file: insert requests, INSERT_CHUNK rows per transaction, while every line so
     far is valid; after the first problem keep reading only to report every bad line, then raise
     InvalidInput (the caller deletes the job and what was inserted). Short transactions, so that on
     SQLite the workers' heartbeats, claims and records get the write lock in between; the job stays
-    invisible to workers meanwhile (no message is owed until its total is set). Returns the count."""
+    invisible to workers meanwhile (no message is owed until its total is set). Returns the count and the adapters named."""
     limits = ctx.settings.limits
     problems: list[tuple[int, str]] = []
     seen: set[str] = set()
     too_long = PromptLengthCheck(ctx.settings)
     rows: list[dict] = []
+    named: set[str] = set()
     total = 0
     for line_no, spec in inputs.iter_specs(ctx.settings, path, default_adapter=default_adapter):
         if isinstance(spec, str):
@@ -145,6 +160,7 @@ def _insert_valid_requests(ctx: Context, job_id: str, path: Path, display: str, 
         rows.append({"job_id": job_id, "idx": total, "custom_id": spec.custom_id, "adapter": spec.adapter,
                      "prompt": spec.prompt, "messages": spec.messages, "params": spec.params,
                      "state": "queued", "attempts": 0})
+        named.add(spec.adapter)
         total += 1
         if len(rows) >= INSERT_CHUNK:
             _insert(ctx, rows)
@@ -154,7 +170,7 @@ def _insert_valid_requests(ctx: Context, job_id: str, path: Path, display: str, 
     if total == 0:
         raise InvalidInput(inputs.no_requests_message(display))
     _insert(ctx, rows)
-    return total
+    return total, named
 
 
 def _insert(ctx: Context, rows: list[dict]) -> None:

@@ -23,7 +23,9 @@ from lorabatch.schemas.errors import ServiceUnavailable
 from lorabatch.schemas.settings import Settings, hide_password
 
 QUEUE = "lorabatch"
-"""Prefix of the queues: each deployment has its own, `lorabatch.<deployment id>` (store.deployment)."""
+"""Prefix of the queues: each base model has its own, `lorabatch.<base key>` (store.deployment), which
+every worker of that base model consumes; this one, bare, holds jobs whose base model is not pinned yet
+(every worker consumes it too; the first claim pins the job and its other messages move)."""
 RUN_TASK = "lorabatch.run"
 EPOCH_KEY = "lorabatch:epoch"
 """Holds the run_id of the Redis server that lorabatch's reconcile last refilled from SQL. Written only

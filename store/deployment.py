@@ -1,35 +1,42 @@
-"""What a deployment is: one base model and the exact adapter weights a configuration names.
+"""What a worker serves and what a job runs on: one base model, and per adapter the sha256 of its weights.
 
-A job is tied to the deployment it was submitted to, and only a worker serving the same one claims
-its requests (lifecycle.claim_requests checks it; each deployment also has its own queue). Two
-projects with different models, or the same adapter names over different weights, never run each
-other's jobs: a job whose deployment no live worker serves waits, and `status` says so.
+Routing depends only on the base model and on the adapters a job names:
+- each base model has one queue, `lorabatch.<base key>`, which every worker of that base model
+  consumes, whatever adapters it lists; a job whose base model the producer could not tell waits in
+  the common queue `lorabatch` (consumed by every worker) and is pinned by the first worker that
+  claims one of its requests (lifecycle.claim_requests), its other messages then move to its queue;
+- a job pins each adapter it names to the sha256 of its weights (schemas.identity): at submit when
+  the producer can know it (from the adapter's files, or without them from what live workers of that
+  base model report in SQL, if they agree), else at the first claim of a request naming it. A claim
+  checks per request that the worker serves the adapter with the pinned weights; a request it cannot
+  run waits, parked, for a worker that can (or for `lorabatch retarget`);
+- adapters a job does not name never affect it: adding or removing one changes no queue and no pin.
 
-The identity is computed from files, cheaply and without torch, by producer and worker alike:
-- the base model: a local directory by the sha256 of its config.json and the names and sizes of its
-  weight files; a hub id by the id as written (a producer may not have it downloaded);
-- each adapter: the sha256 of its adapter_model.safetensors (a trainer run folder with exactly one
-  `checkpoint-N` resolves to it, as the worker does); an adapter whose files are missing counts as
-  "missing:<path>", so a producer without the files never matches a worker that has them.
+The base model's identity: a local directory by the sha256 of its config.json and the names and sizes
+of its weight files; a hub id by the id as written. A producer without the model's folder (another
+machine) takes it from a live worker whose base model has the same folder name, else leaves the job
+unpinned (the first claim pins it).
+
+Files only, no SQL: the callers pass what they read from the database.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
+from lorabatch.schemas.identity import adapter_sha256
 from lorabatch.schemas.settings import Settings
-
-WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 @dataclass(frozen=True)
 class Deployment:
+    """What a worker serves: its base model and the adapters it lists, as their files are now."""
+
     id: str
-    """16 hex digits: a digest of `base` and `adapters`."""
+    """The base model's key (base_key): names the queue and is written on jobs and worker rows."""
     base: str
     """The base model's identity (see the module docstring)."""
     adapters: dict[str, str | None] = field(default_factory=dict)
@@ -37,20 +44,28 @@ class Deployment:
 
     @property
     def queue(self) -> str:
-        """The Redis queue of this deployment's work."""
+        """The Redis queue of this base model's work."""
         return f"lorabatch.{self.id}"
 
 
 def deployment_of(settings: Settings) -> Deployment:
-    """The deployment these settings describe (hashes adapter weights; about 30 ms per 10 MB)."""
+    """What these settings serve (hashes adapter weights once per file version; about 30 ms per 10 MB)."""
     base = base_identity(settings)
-    identity = {name: adapter_digest(settings.adapter_dir(name)) for name in sorted(settings.adapters)}
-    digest = hashlib.sha256(json.dumps({"base": base, "adapters": identity}, sort_keys=True).encode()).hexdigest()
-    adapters = {name: None if d.startswith("missing:") else d for name, d in identity.items()}
-    return Deployment(id=digest[:16], base=base, adapters=adapters)
+    return Deployment(id=base_key(base), base=base, adapters=served_adapters(settings))
+
+
+def served_adapters(settings: Settings) -> dict[str, str | None]:
+    """Adapter name -> sha256 of its weights as the files are now (None: missing). Cheap when unchanged."""
+    return {name: adapter_sha256(settings.adapter_dir(name)) for name in sorted(settings.adapters)}
+
+
+def base_key(identity: str) -> str:
+    """16 hex digits naming a base model's queue: a digest of its identity."""
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
 def base_identity(settings: Settings) -> str:
+    """The base model's identity: from its local folder's files, else its id as written."""
     local = Path(settings.base_model)
     config = local / "config.json"
     if not config.is_file():
@@ -61,28 +76,42 @@ def base_identity(settings: Settings) -> str:
     return f"{local.name}@{h.hexdigest()[:16]}"
 
 
-def adapter_digest(directory: Path) -> str:
-    weights = weights_file(directory)
-    if weights is None:
-        return f"missing:{directory}"
-    stat = weights.stat()
-    return _sha256(str(weights), stat.st_size, stat.st_mtime_ns)
+def has_local_base(settings: Settings) -> bool:
+    return (Path(settings.base_model) / "config.json").is_file()
 
 
-def weights_file(directory: Path) -> Path | None:
-    """The adapter's safetensors file: in the folder, or in its only `checkpoint-N` subfolder."""
-    direct = directory / WEIGHTS_FILE
-    if direct.is_file():
-        return direct
-    found = sorted(directory.glob(f"checkpoint-*/{WEIGHTS_FILE}")) if directory.is_dir() else []
-    return found[0] if len(found) == 1 else None
+@dataclass(frozen=True)
+class Served:
+    """One live worker's record, as its heartbeat wrote it (schemas.tables.Worker)."""
+
+    key: str | None
+    base: str | None
+    adapters: Mapping[str, str | None]
 
 
-@lru_cache(maxsize=256)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    """Keyed on size and mtime as well: a file rewritten in place is hashed again."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+def job_base_key(settings: Settings, workers: Iterable[Served]) -> str | None:
+    """The base key a job submitted with these settings runs on: from the model's files when this
+    machine has them; else that of the live workers whose base model is the configured one (the id as
+    written, or a folder of the same name), when they name exactly one; else None (the first claim pins)."""
+    identity = base_identity(settings)
+    if has_local_base(settings):
+        return base_key(identity)
+    name = Path(settings.model.base.rstrip("/")).name
+    keys = {w.key for w in workers if w.key and w.base and (w.base == identity or w.base.split("@")[0] == name)}
+    return keys.pop() if len(keys) == 1 else None
+
+
+def pins_at_submit(settings: Settings, names: Iterable[str], *, key: str | None,
+                   workers: Iterable[Served]) -> dict[str, str | None]:
+    """The sha256 each named adapter is pinned to when a job is submitted: its files' here; without
+    them, what the live workers of base `key` serve under that name, if they all agree; else None (the
+    first claim pins it). A producer never needs the weights to submit."""
+    workers = [w for w in workers if key is not None and w.key == key]
+    pins: dict[str, str | None] = {}
+    for name in sorted(set(names)):
+        sha = adapter_sha256(settings.adapter_dir(name)) if name in settings.adapters else None
+        if sha is None:
+            reported = {w.adapters.get(name) for w in workers if w.adapters.get(name)}
+            sha = reported.pop() if len(reported) == 1 else None
+        pins[name] = sha
+    return pins

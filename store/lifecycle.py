@@ -33,6 +33,7 @@ from sqlalchemy import delete, func, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from lorabatch.schemas.errors import NotFound, UsageError
+from lorabatch.schemas.settings import BASE_ADAPTER
 from lorabatch.schemas.states import JobState, RequestState
 from lorabatch.schemas.tables import Job, Request, Worker, utcnow
 from lorabatch.store.clock import db_now
@@ -71,25 +72,31 @@ def get_job(session: Session, job_id: str) -> Job:
 
 def create_job(session: Session, *, job_id: str, name: str | None = None, priority: int = 5,
                idempotency_key: str | None = None, source: str | None = None, schedule: str | None = None,
-               deployment: str | None = None, content_hash: str | None = None) -> Job:
+               deployment: str | None = None, content_hash: str | None = None,
+               adapter_pins: Mapping[str, str | None] | None = None) -> Job:
     """A new job, hidden from workers until `open_job`: total 0 and no message owed, while its
     requests are inserted in short transactions (`add_requests`)."""
     job = Job(id=job_id, name=name, priority=priority, idempotency_key=idempotency_key, source=source,
-              schedule=schedule, deployment=deployment, content_hash=content_hash, state=JobState.QUEUED.value,
+              schedule=schedule, deployment=deployment, content_hash=content_hash,
+              adapter_pins=dict(adapter_pins) if adapter_pins is not None else None, state=JobState.QUEUED.value,
               total=0, n_queued=0)
     session.add(job)
     session.flush()
     return job
 
 
-def open_job(session: Session, job_id: str, total: int) -> None:
+def open_job(session: Session, job_id: str, total: int, *, adapter_pins: Mapping[str, str | None] | None = None
+             ) -> None:
     """Every request is in: the job's `total` requests are queued and their messages owed (the
-    caller publishes them after the commit; see store.outbox)."""
+    caller publishes them after the commit; see store.outbox). `adapter_pins`: the weights (sha256)
+    each adapter it names runs on, None where the first claim pins it."""
     job = _lock_jobs(session, [job_id])[job_id]
     job.total = job.n_queued = total
     if job.state == JobState.CANCELLING.value:  # cancelled while its requests were inserted: none may run
         cancel_job(session, job_id)
         return
+    if adapter_pins is not None:
+        job.adapter_pins = dict(adapter_pins)
     owe_messages(session, job_id, None)
 
 
@@ -177,7 +184,10 @@ def cancelling_jobs(session: Session, job_ids: Iterable[str]) -> set[str]:
 
 
 def heartbeat(session: Session, *, worker_id: str, hostname: str, pid: int, deployment: str | None = None,
-              running: int = 0, held: int = 0, tokens_per_second: float | None = None) -> None:
+              running: int = 0, held: int = 0, tokens_per_second: float | None = None, base: str | None = None,
+              adapters: Mapping[str, str | None] | None = None) -> None:
+    """The worker is alive; with what it serves (base model key and identity, adapter name -> sha256),
+    which producers and `status` read."""
     now = db_now(session)
     w = session.get(Worker, worker_id)
     if w is None:
@@ -186,6 +196,10 @@ def heartbeat(session: Session, *, worker_id: str, hostname: str, pid: int, depl
     w.heartbeat_at, w.deployment, w.running, w.held = now, deployment, running, held
     if tokens_per_second is not None:
         w.tokens_per_second = tokens_per_second
+    if base is not None:
+        w.base = base
+    if adapters is not None and w.adapters != dict(adapters):
+        w.adapters = dict(adapters)
 
 
 def live_workers(session: Session, *, lease: timedelta, deployment: str | None = None) -> list[Worker]:
@@ -229,11 +243,24 @@ class Claim:
 
 
 def claim_requests(session: Session, *, refs: Mapping[str, Iterable[int]], worker_id: str,
-                   deployment: str | None, max_attempts: int, suspects: bool = False) -> Claim:
+                   deployment: str | None, max_attempts: int, suspects: bool = False,
+                   serves: Mapping[str, str | None] | None = None, claim_id: str | None = None) -> Claim:
     """Claim, for `worker_id`, those of the referenced requests ({job_id: idxs}) that are queued in an
-    open job of `deployment`; the engine admits them right after. Each claim counts an attempt. A
-    request that already started `max_attempts` times (its workers kept dying) ends as failed instead.
-    Anything else is skipped: a duplicate message, a cancelled request, another deployment's job.
+    open job of base model `deployment` (a job with none yet is pinned to it here); the engine admits
+    them right after. Each claim counts an attempt. A request that already started `max_attempts` times
+    (its workers kept dying) ends as failed instead. Anything else is skipped: a duplicate message, a
+    cancelled request; another base model's job (it came through the common queue) owes its messages
+    again, to its own queue.
+
+    `serves` (adapter name -> sha256 of the weights this worker serves; None: no check): a request
+    naming an adapter runs only where the job's pin for it matches (an unpinned adapter is pinned to
+    this worker's weights here). One this worker cannot run is parked (Job.parked): it stays queued
+    with no message until a worker serving the pinned weights publishes it again (unpark_adapters) or
+    `lorabatch retarget` moves it; never acknowledged and forgotten.
+
+    `claim_id`: a token for this claim. Claiming is idempotent: if the COMMIT landed but the
+    connection broke before the answer (the caller retries), the retry returns the rows this worker
+    already holds under the same token instead of nothing.
 
     `suspects`: the references came in a suspect message (their worker died running them; they run
     apart from other work). Without it, requests that started before are skipped: an ordinary message
@@ -243,12 +270,29 @@ def claim_requests(session: Session, *, refs: Mapping[str, Iterable[int]], worke
     if not wanted:
         return Claim([], [])
     jobs = _lock_jobs(session, wanted, missing_ok=True)
-    open_jobs = [j for j in sorted(jobs) if jobs[j].state in OPEN and jobs[j].deployment == deployment]
-    rows = _locked_requests(session, {j: wanted[j] for j in open_jobs}, state=Q)
+    open_jobs, elsewhere = set(), []
+    for job_id in sorted(jobs):
+        job = jobs[job_id]
+        if job.state not in OPEN:
+            continue
+        if job.deployment is None and deployment is not None:
+            job.deployment = deployment  # submitted where its base model was unknown (or upgraded): pinned now
+        if job.deployment == deployment:
+            open_jobs.add(job_id)
+        else:
+            elsewhere.append(job_id)
+    rows = _locked_requests(session, {j: wanted[j] for j in sorted(jobs)}, state=(Q, R) if claim_id else Q)
+    already = [r for r in rows if claim_id and r.state == R.value and r.worker_id == worker_id
+               and r.claim_id == claim_id]
+    rows = [r for r in rows if r.state == Q.value and r.job_id in open_jobs]
     if not suspects:
         rows = [r for r in rows if r.attempts == 0]
+    if serves is not None:
+        rows = _servable(jobs, rows, serves)
+    for job_id in elsewhere:  # publishing skips what is no longer queued
+        owe_messages(session, job_id, wanted[job_id])
     now = utcnow()
-    claimed, gave_up = [], []
+    claimed, gave_up = list(already), []
     for row in rows:
         job = jobs[row.job_id]
         job.n_queued -= 1
@@ -260,6 +304,7 @@ def claim_requests(session: Session, *, refs: Mapping[str, Iterable[int]], worke
             gave_up.append(row)
         else:
             row.state, row.worker_id, row.claimed_at, row.attempts = R.value, worker_id, now, row.attempts + 1
+            row.claim_id = claim_id
             job.n_running += 1
             claimed.append(row)
             if job.state == JobState.QUEUED.value:
@@ -269,7 +314,104 @@ def claim_requests(session: Session, *, refs: Mapping[str, Iterable[int]], worke
     return Claim(claimed, gave_up)
 
 
-NUL_ERROR = "the output contains a NUL character, which the database cannot store"
+def _servable(jobs: Mapping[str, Job], rows: Sequence[Request], serves: Mapping[str, str | None]) -> list[Request]:
+    """The rows this worker may run: the base model's, and those whose adapter it serves with the weights
+    the job is pinned to (an adapter not pinned yet is pinned to this worker's weights). The others'
+    adapters are parked on their job."""
+    ok = []
+    for row in rows:
+        if row.adapter == BASE_ADAPTER:
+            ok.append(row)
+            continue
+        job, have = jobs[row.job_id], serves.get(row.adapter)
+        pins = job.adapter_pins or {}
+        if have is not None and pins.get(row.adapter) is None:
+            job.adapter_pins = {**pins, row.adapter: have}  # a new dict: the JSON column sees the change
+        if have is not None and (job.adapter_pins or {}).get(row.adapter) == have:
+            ok.append(row)
+        else:
+            _park(job, row.adapter)
+    return ok
+
+
+def _park(job: Job, adapter: str) -> None:
+    if adapter not in (job.parked or []):
+        job.parked = sorted({*(job.parked or []), adapter})
+
+
+def unpark_adapters(session: Session, *, deployment: str, serves: Mapping[str, str | None]) -> int:
+    """Publish again the parked requests this worker can run: of open jobs of base model `deployment`,
+    those of adapters it serves with the pinned weights (messages owed in the outbox, published after
+    the commit). Every worker's reconcile round calls it, so a parked request waits only until a
+    worker that can run it is live. Returns how many adapters were unparked."""
+    candidates = session.execute(select(Job.id).where(Job.state.in_(OPEN), Job.deployment == deployment,
+                                                      Job.parked.is_not(None))).scalars().all()
+    if not candidates:
+        return 0
+    n = 0
+    for job in _lock_jobs(session, candidates, missing_ok=True).values():
+        if job.state not in OPEN or not job.parked:
+            continue
+        pins = job.adapter_pins or {}
+        ready = [a for a in job.parked if serves.get(a) is not None and pins.get(a) in (None, serves[a])]
+        if ready:
+            job.parked = sorted(set(job.parked) - set(ready))
+            n += len(ready)
+            _owe_adapters(session, job.id, ready)
+    return n
+
+
+def _owe_adapters(session: Session, job_id: str, adapters: Iterable[str]) -> None:
+    idxs = session.execute(select(Request.idx).where(Request.job_id == job_id, Request.state == Q.value,
+                                                     Request.adapter.in_(list(adapters)))
+                           .order_by(Request.idx)).scalars().all()
+    if idxs:
+        owe_messages(session, job_id, list(idxs))
+
+
+@dataclass(frozen=True)
+class Retarget:
+    adapter: str
+    was: str | None
+    now: str
+    requests: int
+    """Its requests not yet finished (queued or running), which run on the new weights from now on."""
+
+
+def retarget_job(session: Session, job_id: str, targets: Mapping[str, str]) -> list[Retarget]:
+    """Move a job's unfinished requests of each adapter in `targets` (name -> sha256 of the current
+    weights) onto those weights: the pin changes, the change is recorded on the job (what it was, what
+    it is now, when), the adapter is unparked and its queued requests' messages are owed. Results
+    already recorded keep the sha256 that produced them; a request still running on the old weights
+    is refused when it reports (record_outcomes) and runs again. Adapters already pinned there are
+    left alone. A job that has ended is refused (UsageError)."""
+    job = _lock_jobs(session, [job_id])[job_id]
+    if JobState(job.state).is_final or job.state == JobState.CANCELLING.value:
+        raise UsageError(f"job {job.id} is {job.state}: nothing left to move; a completed job's failed requests "
+                         f"run again with: lorabatch retry {job.id}")
+    pins, now = dict(job.adapter_pins or {}), utcnow()
+    moved = []
+    for adapter, sha in sorted(targets.items()):
+        if pins.get(adapter) == sha:
+            continue
+        n = session.scalar(select(func.count()).select_from(Request).where(
+            Request.job_id == job_id, Request.adapter == adapter, Request.state.in_((Q.value, R.value))))
+        moved.append(Retarget(adapter, pins.get(adapter), sha, n or 0))
+        pins[adapter] = sha
+    if not moved:
+        return []
+    job.adapter_pins = pins
+    job.retargets = [*(job.retargets or []), *({"adapter": m.adapter, "from": m.was, "to": m.now,
+                                                "at": now.isoformat() + "Z", "requests": m.requests} for m in moved)]
+    job.parked = sorted(set(job.parked or []) - {m.adapter for m in moved})
+    _owe_adapters(session, job_id, [m.adapter for m in moved])
+    return moved
+
+
+def adapters_named(session: Session, job_id: str) -> list[str]:
+    """The adapter names a job's unfinished requests use (for jobs that carry no pins: upgraded ones)."""
+    return list(session.execute(select(Request.adapter).where(
+        Request.job_id == job_id, Request.state.in_((Q.value, R.value))).distinct()).scalars())
 
 
 def record_outcomes(session: Session, *, worker_id: str, outcomes: Sequence[Outcome]) -> int:
@@ -281,12 +423,15 @@ def record_outcomes(session: Session, *, worker_id: str, outcomes: Sequence[Outc
     wanted = _by_job(by_key)
     jobs = _lock_jobs(session, wanted, missing_ok=True)
     rows = _locked_requests(session, {j: wanted[j] for j in sorted(jobs)}, state=R, worker_id=worker_id)
+    rows, stale = _on_pinned_weights(jobs, rows, by_key)
+    if stale:  # ran on other weights than its job is pinned to: never recorded as if it had not
+        for row in stale:
+            row.attempts = max(0, row.attempts - 1)
+        _requeue(session, jobs, stale, suspect=0)
     now = utcnow()
     for row in rows:
         o, job = by_key[(row.job_id, row.idx)], jobs[row.job_id]
-        error, output = o.error, o.output
-        if output is not None and "\x00" in output and not error:
-            error, output = NUL_ERROR, None
+        error, output = o.error, o.output  # any text, NUL included: the column stores it exactly (schemas.exact_text)
         state = C if o.cancelled else F if error else S
         row.state, row.output, row.finish_reason, row.error = state.value, output, o.finish_reason, error
         row.prompt_tokens, row.completion_tokens, row.finished_at = o.prompt_tokens, o.completion_tokens, now
@@ -298,6 +443,23 @@ def record_outcomes(session: Session, *, worker_id: str, outcomes: Sequence[Outc
     for job in jobs.values():
         _settle(job)
     return len(rows)
+
+
+def _on_pinned_weights(jobs: Mapping[str, Job], rows: list[Request], by_key: Mapping[tuple[str, int], Outcome]
+                       ) -> tuple[list[Request], list[Request]]:
+    """Split rows into those whose outcome names the adapter weights their job is pinned to (or names
+    none: a failure before any weights loaded, the base model), and those that ran on other weights
+    (the file was replaced between the claim and the load). The latter go back to the queue, parked."""
+    ok, stale = [], []
+    for row in rows:
+        sha = by_key[(row.job_id, row.idx)].adapter_sha256
+        pin = (jobs[row.job_id].adapter_pins or {}).get(row.adapter)
+        if sha is not None and pin is not None and sha != pin and row.adapter != BASE_ADAPTER:
+            stale.append(row)
+            _park(jobs[row.job_id], row.adapter)
+        else:
+            ok.append(row)
+    return ok, stale
 
 
 def release_requests(session: Session, *, worker_id: str, keys: Iterable[tuple[str, int]],
@@ -382,16 +544,18 @@ def _lock_jobs(session: Session, job_ids: Iterable[str], *, missing_ok: bool = F
     return jobs
 
 
-def _locked_requests(session: Session, wanted: Mapping[str, list[int]], *, state: RequestState,
-                     worker_id: str | None = None) -> list[Request]:
-    """Lock the wanted requests that are in `state` (and held by `worker_id`), in (job_id, idx) order."""
+def _locked_requests(session: Session, wanted: Mapping[str, list[int]], *,
+                     state: RequestState | tuple[RequestState, ...], worker_id: str | None = None) -> list[Request]:
+    """Lock the wanted requests that are in `state` (or one of several; and held by `worker_id`), in
+    (job_id, idx) order."""
+    states = [st.value for st in (state if isinstance(state, tuple) else (state,))]
     keys = [(job_id, idx) for job_id in sorted(wanted) for idx in wanted[job_id]]
     if not keys:
         return []
     rows: list[Request] = []
     for start in range(0, len(keys), 500):  # bounded IN lists
         part = keys[start : start + 500]
-        stmt = select(Request).where(tuple_(Request.job_id, Request.idx).in_(part), Request.state == state.value)
+        stmt = select(Request).where(tuple_(Request.job_id, Request.idx).in_(part), Request.state.in_(states))
         if worker_id is not None:
             stmt = stmt.where(Request.worker_id == worker_id)
         rows += session.execute(stmt.order_by(Request.job_id, Request.idx).with_for_update()).scalars().all()

@@ -156,8 +156,8 @@ def test_help_texts():
     assert "..." not in commands_part and "generate in this process" in commands_part
 
 
-def test_status_names_a_deployment_no_worker_serves(capsys, config_path, tmp_path, ctx):
-    """A live worker of another deployment does not count: status says no live worker serves this one;
+def test_status_names_a_base_model_no_worker_serves(capsys, config_path, tmp_path, ctx):
+    """A live worker of another base model does not count: status says no live worker serves this job's;
     `workers` still lists it."""
     from lorabatch.schemas.tables import Worker
 
@@ -166,7 +166,7 @@ def test_status_names_a_deployment_no_worker_serves(capsys, config_path, tmp_pat
         s.add(Worker(id="w-other", hostname="elsewhere", pid=4242, deployment="other-deployment",
                      heartbeat_at=utcnow(), tokens_per_second=12.5))
     code, out, _ = cli_in_process(capsys, config_path, "status", job)
-    assert code == 0 and "no live worker serves this deployment" in out, out
+    assert code == 0 and "no live worker serves this job's base model (1 live worker serves another)" in out, out
     code, out, _ = cli_in_process(capsys, config_path, "workers", "--json")
     (w,) = json.loads(out)
     assert (w["host"], w["pid"], w["deployment"], w["tokens_per_second"]) == ("elsewhere", 4242, "other-deployment", 12.5)

@@ -60,13 +60,14 @@ def run_worker(settings: Settings, *, concurrency: int | None = None, weights: s
     tasks.register(service.app, service)
     worker_shutting_down.connect(lambda **_: service.stop(), weak=False)
     service.start()
-    log.info("worker %s ready: model %s, deployment %s, %d adapter(s) configured, weights=%s", service.worker_id,
+    log.info("worker %s ready: model %s (key %s), %d adapter(s) configured, weights=%s", service.worker_id,
              settings.model.base, service.deployment.id, len(settings.adapters), settings.worker.weights)
     try:
         service.app.Worker(
             pool="threads",
             concurrency=concurrency or held_messages(settings),
-            queues=[broker.queue_name(service.deployment.id)],
+            # its base model's queue, and the common one of jobs whose base model is not pinned yet
+            queues=[broker.queue_name(service.deployment.id), broker.QUEUE],
             loglevel=loglevel.upper(),
             hostname=f"{service.worker_id}@{socket.gethostname()}",
             without_mingle=True,

@@ -38,7 +38,7 @@ from lorabatch.schemas.errors import LorabatchError
 from lorabatch.schemas.settings import Settings
 from lorabatch.store import broker, lifecycle, outbox
 from lorabatch.store.context import Context
-from lorabatch.store.deployment import Deployment
+from lorabatch.store.deployment import Deployment, served_adapters
 from lorabatch.store.reconcile import publish_owed
 from lorabatch.store.retry import with_db_retry
 from lorabatch.worker.engine.params import GenerationRequest, GenerationResult, SamplingParams
@@ -67,6 +67,10 @@ class WorkerService:
         self.context = context or Context(settings)
         self.sessions, self.app = self.context.sessions, self.context.celery
         self.deployment = deployment or self.context.deployment
+        self.serving: dict[str, str | None] = dict(self.deployment.adapters)
+        """Adapter name -> sha256 of its weights as the files are now: what claims check against the
+        jobs' pins and heartbeats report. Refreshed at every heartbeat (hashed again only on change)."""
+        self._weights = getattr(engine, "adapters", None)  # the AdapterManager; the instant engine has none
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.metrics = metrics
         self.stepper = engine.stepper()
@@ -74,7 +78,7 @@ class WorkerService:
         self.recorder = Recorder(self.sessions, self.app, worker_id=self.worker_id, on_recorded=self._recorded,
                                  on_retry=metrics.db_retry if metrics else None)
         self.upkeep = Upkeep(self.sessions, self.app, settings.worker, worker_id=self.worker_id,
-                             deployment=self.deployment.id, load=self._load)
+                             deployment=self.deployment.id, load=self._load, serves=lambda: self.serving)
         self.failure: BaseException | None = None
         self._adapters: dict[Hashable, str] = {}
         self._stopping = threading.Event()
@@ -178,9 +182,11 @@ class WorkerService:
         for message, idx in taken:
             refs[message.job_id].append(idx)
         w = self.settings.worker
+        claim_id = uuid.uuid4().hex  # a retry after an ambiguous COMMIT gets back what this claim took
+        serves = dict(self.serving)
         claim = with_db_retry(self.sessions, lambda s: lifecycle.claim_requests(
             s, refs=refs, worker_id=self.worker_id, deployment=self.deployment.id, max_attempts=w.max_attempts,
-            suspects=suspects),
+            suspects=suspects, serves=serves, claim_id=claim_id),
             what="claiming requests")
         self.feed.settle(taken)  # claimed or not, these references are done with: their messages may be acked
         if claim.gave_up:
@@ -205,7 +211,7 @@ class WorkerService:
             outcomes.append(lifecycle.Outcome(
                 job_id, idx, res.output, res.finish_reason, res.prompt_tokens, res.completion_tokens, res.error,
                 cancelled=res.finish_reason == "cancelled", base_model=self.deployment.base,
-                adapter_sha256=self.deployment.adapters.get(adapter or "")))
+                adapter_sha256=self._weights_of(adapter)))
             if res.error:
                 log.warning("request %s of %s failed: %s", idx, job_id, res.error)
             if self.metrics:
@@ -266,6 +272,23 @@ class WorkerService:
 
     # ---- reporting
 
+    def _weights_of(self, adapter: str | None) -> str | None:
+        """The sha256 of the weights that produced a result: of the bytes the engine loaded for
+        `adapter`, else (an engine that does not say) of its file as this worker last saw it."""
+        if not adapter or adapter not in self.serving:
+            return None
+        identity = getattr(self._weights, "identity", None)
+        return (identity(adapter) if identity is not None else None) or self.serving.get(adapter)
+
+    def _refresh_serving(self) -> dict[str, str | None]:
+        """Read again what this worker serves: an adapter file replaced in place shows here at the next
+        heartbeat (its next load uses the new bytes), and in SQL with that heartbeat."""
+        try:
+            self.serving = served_adapters(self.settings)
+        except OSError as e:  # a file vanishing mid-read: keep the last view, try at the next beat
+            log.warning("could not read the adapters' files (%s)", e)
+        return self.serving
+
     def _recorded(self, outcomes: list[lifecycle.Outcome]) -> None:
         self.rate.add(sum(o.completion_tokens or 0 for o in outcomes))
 
@@ -273,5 +296,6 @@ class WorkerService:
         held = self.feed.held()
         if self.metrics:
             self.metrics.set_held(held)
-        return {"running": self.stepper.running, "held": held,
+        return {"running": self.stepper.running, "held": held, "base": self.deployment.base,
+                "adapters": self._refresh_serving(),
                 "tokens_per_second": self.rate.per_second()}

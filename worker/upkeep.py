@@ -7,15 +7,15 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from lorabatch.schemas.settings import WorkerSettings
-from lorabatch.store import lifecycle
-from lorabatch.store.reconcile import reconcile
+from lorabatch.store import lifecycle, outbox
+from lorabatch.store.reconcile import publish_owed, reconcile
 from lorabatch.store.retry import with_db_retry
 
 log = logging.getLogger("lorabatch.worker")
@@ -25,10 +25,12 @@ class Upkeep:
     """Two daemon threads: heartbeat every `heartbeat_seconds`, reconcile every `reconcile_seconds`."""
 
     def __init__(self, sessions: sessionmaker[Session], app: Celery, settings: WorkerSettings, *, worker_id: str,
-                 deployment: str, load: Callable[[], dict]) -> None:
-        """`load()` returns what the heartbeat reports: running, held, tokens_per_second."""
+                 deployment: str, load: Callable[[], dict],
+                 serves: Callable[[], Mapping[str, str | None]] | None = None) -> None:
+        """`load()` returns what the heartbeat reports: running, held, tokens_per_second (and what it
+        serves); `serves()` the adapters it serves (name -> sha256), to publish parked work it can run."""
         self.sessions, self.app, self.settings = sessions, app, settings
-        self.worker_id, self.deployment, self.load = worker_id, deployment, load
+        self.worker_id, self.deployment, self.load, self.serves = worker_id, deployment, load, serves
         self.host = host_label()
         self._stopping = threading.Event()
 
@@ -53,12 +55,29 @@ class Upkeep:
             what="looking for dead workers on this host")
         if dead:
             log.warning("worker(s) %s on this host are gone; their requests run again", ", ".join(dead))
+        if self.serves is not None:
+            self.unpark()
         report = reconcile(self.sessions, self.app, lease_seconds=self.settings.lease_seconds,
                            max_attempts=self.settings.max_attempts, worker_id=self.worker_id,
                            grace_seconds=self.settings.publish_grace_seconds)
         if report.orphans or report.redis_was_reset or report.published:
             log.warning("reconcile: %d orphaned request(s) requeued, %d message(s) published%s", report.orphans,
                         report.published, " (Redis had lost its data, or is new: refilled from the database)" if report.redis_was_reset else "")
+
+    def unpark(self) -> int:
+        """Publish parked requests this worker can run (lifecycle.unpark_adapters). Dying between the
+        commit and the publish leaves the outbox rows, which a later round publishes."""
+        serves = dict(self.serves())
+
+        def unpark(session) -> tuple[int, list[int]]:
+            return (lifecycle.unpark_adapters(session, deployment=self.deployment, serves=serves),
+                    outbox.owed_ids(session))
+
+        n, owed = with_db_retry(self.sessions, unpark, what="publishing parked requests")
+        if n:
+            log.info("%d parked adapter(s) of jobs this worker can run: their requests are published again", n)
+            publish_owed(self.sessions, self.app, ids=owed)
+        return n
 
     def _heartbeat_loop(self) -> None:
         while not self._stopping.wait(self.settings.heartbeat_seconds):
