@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorabatch.worker.engine.batching import plan_admission
+from lorabatch.worker.engine.batching import TokenBudget, plan_admission
 from lorabatch.worker.engine.stops import StopStrings, cut_at_stop
 
 
-def admit(waiting, running=None, merged=None, weights="auto", size=8, max_adapters=8, min_merged_rows=None):
+def admit(waiting, running=None, merged=None, weights="auto", size=8, max_adapters=8, min_merged_rows=None,
+          token_room=None):
     decision = plan_admission(waiting, running=running or {}, merged=merged, weights=weights, max_batch_size=size,
-                              max_adapters=max_adapters, min_merged_rows=min_merged_rows)
+                              max_adapters=max_adapters, min_merged_rows=min_merged_rows, token_room=token_room)
     return decision.counts, decision.merged
 
 
@@ -52,11 +53,56 @@ def admit(waiting, running=None, merged=None, weights="auto", size=8, max_adapte
         (dict(waiting={"a": 1}, running={"a": 31}, size=32, weights="separate"), ({"a": 1}, None)),
         (dict(waiting={"a": 4}, running={"b": 28}, size=32, weights="separate"), ({"a": 4}, None)),
         (dict(waiting={"a": 0}, weights="auto"), ({}, None)),
+        # the token budget: no more rows than fit it, whatever the free slots ...
+        (dict(waiting={"a": 9}, weights="separate", token_room=3), ({"a": 3}, None)),
+        (dict(waiting={"a": 9, "b": 1}, weights="auto", token_room=1), ({"a": 1}, "a")),
+        (dict(waiting={"a": 5, "b": 5}, running={"a": 2}, weights="separate", token_room=0), ({}, None)),
+        # ... and the batch counts as full at the rows the budget holds: one free row of two is worth taking
+        (dict(waiting={"a": 9}, running={"a": 1}, size=64, weights="separate", token_room=1), ({"a": 1}, None)),
+        (dict(waiting={"a": 9}, running={"a": 40}, size=64, weights="separate", token_room=2), ({}, None)),
+        (dict(waiting={"a": 9}, running={"a": 2}, size=64, weights="separate", token_room=None), ({"a": 9}, None)),
     ],
 )
 def test_plan_admission(case, expected):
     """Each weights mode admits the rows and keeps or switches the merged adapter as documented."""
     assert admit(**case) == expected
+
+
+@pytest.mark.parametrize(
+    "learned, budget, used, idle, room",
+    [
+        ([], None, 0, True, None),  # no token limit
+        ([], 200, 0, True, 1),  # nothing learned: an idle batch takes one row and learns from it
+        ([], 200, 50, False, 0),  # nothing learned and busy: wait
+        ([330], 200, 0, True, 1),  # a row over the whole budget still runs alone in an idle batch ...
+        ([330], 200, 330, False, 0),  # ... and nothing joins it
+        ([100, 300], 1000, 0, True, 5),  # by the mean cost (200)
+        ([100, 300], 1000, 450, False, 2),
+        ([100, 300], 1000, 1200, False, 0),
+    ],
+)
+def test_token_budget_room(learned, budget, used, idle, room):
+    """Before a claim, the rows that fit max_batch_tokens are counted by the mean cost of the rows seen so far."""
+    tokens = TokenBudget()
+    tokens.accept(learned, max_batch_tokens=None, used=0, idle=True)
+    assert tokens.room(max_batch_tokens=budget, used=used, idle=idle) == room
+
+
+@pytest.mark.parametrize(
+    "costs, budget, used, idle, fits",
+    [
+        ([300, 100, 700, 50], 1000, 0, True, [True, True, False, True]),  # first fit, in order
+        ([1500, 10], 1000, 0, True, [True, False]),  # an idle batch's first row joins whatever its cost
+        ([1500, 10], 1000, 10, False, [False, True]),  # a busy batch's does not
+        ([330, 330], 200, 330, False, [False, False]),
+        ([5, 5], None, 10**9, False, [True, True]),  # no token limit
+    ],
+)
+def test_token_budget_accepts_what_fits(costs, budget, used, idle, fits):
+    """After a claim, the rows whose real cost fits beside the running rows join; the rest go back."""
+    tokens = TokenBudget()
+    assert tokens.accept(costs, max_batch_tokens=budget, used=used, idle=idle) == fits
+    assert tokens.mean_cost == sum(costs) / len(costs)  # learned from every claimed row, fitting or not
 
 
 @pytest.mark.parametrize(

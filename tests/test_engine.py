@@ -251,7 +251,8 @@ def test_out_of_memory_splits_the_batch_and_retries(engine, monkeypatch):
     monkeypatch.setattr(decode, "prefill_batch", prefill_with_small_memory)
     results = engine.generate(requests)
     long_prompt = [i for i, r in enumerate(requests) if len(engine.encode(r)) >= 20]
-    assert long_prompt and max(batch_sizes) == 8 and 1 in batch_sizes
+    # the first row runs alone (nothing is known of row costs yet), the other 7 of the batch of 8 join together
+    assert long_prompt and max(batch_sizes) == 7 and 1 in batch_sizes
     for i, (result, output) in enumerate(zip(results, expected)):
         if i in long_prompt:
             assert result.output is None and "out of memory even alone" in result.error

@@ -9,7 +9,7 @@ import torch
 
 from lorabatch.schemas.settings import BASE_ADAPTER
 from lorabatch.worker.engine import decode
-from lorabatch.worker.engine.engine import Engine, GenerationRequest, SamplingParams
+from lorabatch.worker.engine.engine import Engine, GenerationRequest, SamplingParams, take_counts
 from lorabatch.worker.engine.stepper import Stepper
 from tests.test_engine import NAMES, PROMPTS, make_engine, peft_one_at_a_time, token_ids
 
@@ -81,8 +81,8 @@ def test_auto_switches_merged_to_separate_mid_batch_exactly(engine, reference):
     engine.weights = "auto"
     stepper = engine.stepper()
     first = [GenerationRequest(i, "sft", SamplingParams(max_new_tokens=10), prompt=PROMPTS[i]) for i in range(3)]
-    assert stepper.admission({"sft": 3}) == {"sft": 3}
-    stepper.admit(first)
+    assert stepper.admission({"sft": 3}) == {"sft": 1}  # nothing learned of row costs yet: one row
+    assert stepper.admit(first) == []  # the three fit max_batch_tokens: none is handed back
     results = {r.key: r for _ in range(3) for r in stepper.step()}
     assert stepper.merged == "sft"
     later = [GenerationRequest(10, "dpo", SamplingParams(max_new_tokens=8), prompt=PROMPTS[4])]
@@ -149,7 +149,7 @@ def test_ragged_ends_keep_the_batch_full(engine):
     assert [results[i].completion_tokens for i in range(len(lengths))] == lengths
     # the batch (4 rows) is full after every admission while requests still wait
     full_while_waiting = [busy + joined for busy, joined, _ in log[: len(lengths) - 4]]
-    assert log[0][1] == 4
+    assert log[0][1] == 1  # nothing learned of row costs yet: one row, then full batches
     assert all(n == 4 for n in full_while_waiting[1:] if n), full_while_waiting
 
 
@@ -217,3 +217,47 @@ def test_prompt_ids_run_as_given(engine):
     a, b, c = engine.generate([text, ids, bad])
     assert a.output == b.output and a.completion_tokens == b.completion_tokens == 6
     assert "prompt_ids must lie in" in c.error
+
+
+@pytest.mark.parametrize("max_batch_tokens, fitting", [(200, 1), (1000, 3)])
+def test_admission_claims_only_rows_that_fit_the_token_budget(demo_root, max_batch_tokens, fitting):
+    """With rows of 330 tokens, no more rows are admitted (running) than max_batch_tokens holds, and all finish."""
+    engine = make_engine(demo_root, max_batch_size=32, max_batch_tokens=max_batch_tokens, weights="separate")
+    stepper = engine.stepper()
+    waiting = [GenerationRequest(i, NAMES[i % len(NAMES)], SamplingParams(max_new_tokens=30, ignore_eos=True),
+                                 prompt_ids=[10 + i] * 300) for i in range(10)]
+    results, most, handed_back = {}, 0, 0
+    while waiting or not stepper.idle:
+        counts = stepper.admission(Counter(r.adapter for r in waiting))
+        chosen, waiting = take_counts(waiting, counts)
+        for result in stepper.admit(chosen):
+            assert result.finish_reason == "preempted"
+            handed_back += 1
+            waiting.append(next(r for r in chosen if r.key == result.key))
+        most = max(most, stepper.running)
+        results.update((r.key, r) for r in stepper.step())
+    assert most == fitting
+    assert handed_back == 0  # the rows are alike: the learned mean cost is exact, nothing was claimed in vain
+    assert sorted(results) == list(range(10)) and all(r.completion_tokens == 30 for r in results.values())
+
+
+def test_claimed_rows_that_do_not_fit_go_back_unless_they_run_as_a_group(engine):
+    """Claimed rows beyond max_batch_tokens come back 'preempted' at once; a group (suspects) waits in the stepper."""
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    rows = [GenerationRequest(i, "sft", params, prompt_ids=[20 + i] * 96) for i in range(4)]  # 100 tokens each
+    limit, engine.max_batch_tokens = engine.max_batch_tokens, 250
+    try:
+        stepper = engine.stepper()
+        back = stepper.admit(rows)
+        assert [(r.key, r.finish_reason, r.error, r.completion_tokens) for r in back] == [
+            (2, "preempted", None, 0), (3, "preempted", None, 0)]
+        assert sorted(stepper.keys()) == [0, 1]
+        grouped = engine.stepper()
+        assert grouped.admit(rows, group=True) == []
+        assert sorted(grouped.keys()) == [0, 1, 2, 3]
+        done = []
+        while not grouped.idle:
+            done += grouped.step()
+        assert sorted(r.key for r in done) == [0, 1, 2, 3]
+    finally:
+        engine.max_batch_tokens = limit

@@ -197,7 +197,7 @@ class WorkerService:
             self._adapters[key] = r.adapter
             requests.append(GenerationRequest(key=key, adapter=r.adapter, prompt=r.prompt, messages=r.messages,
                                               params=SamplingParams(**{**r.params, "stop": tuple(r.params.get("stop", ()))})))
-        self._finished(self.stepper.admit(requests))
+        self._finished(self.stepper.admit(requests, group=suspects))  # suspects run as one group: none go back
         return bool(requests)
 
     def _finished(self, results: list[GenerationResult]) -> None:

@@ -5,14 +5,19 @@ adapter weights merged into the base weights or kept apart afterwards?". It sees
 only; the stepper (stepper.py) applies the decision. Why each rule holds, with measurements: the README's
 engine section.
 
-This module knows nothing about models, tokenizers, PEFT, prompts or requests beyond those counts.
+``TokenBudget`` turns max_batch_tokens into rows for it: before a claim, how many rows fit by the mean cost
+learned so far (``room``); after the claim, when the real prompt lengths are known, which of the claimed rows
+fit (``accept``; the caller hands the others back). Every stepper uses these two, so a worker claims only what
+the batch it runs now can hold.
+
+This module knows nothing about models, tokenizers, PEFT, prompts or requests beyond those counts and costs.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Mapping
+from typing import Literal, Mapping, Sequence
 
 BASE = "base"
 """The adapter name of rows that run the base model alone (settings.BASE_ADAPTER)."""
@@ -47,6 +52,7 @@ def plan_admission(
     max_adapters: int,
     min_merged_rows: int | None = None,
     admit_fraction: float = ADMIT_FRACTION,
+    token_room: int | None = None,
 ) -> Admission:
     """The admission for ``waiting`` (rows per adapter, in the caller's priority order) into a batch running
     ``running`` (rows per adapter) with ``merged`` merged (None: apart).
@@ -54,6 +60,8 @@ def plan_admission(
     separate: any adapter joins, at most ``max_adapters`` distinct adapters in the batch.
     merged: an idle batch takes the adapter with most waiting rows; then only that adapter's rows join, until
     the batch drains. Base rows form a group of their own and run with nothing merged.
+    ``token_room``: at most this many rows join now (``TokenBudget.room``; None: no token limit); the batch
+    then counts as full at ``running + token_room`` rows for the "wait for more free slots" rule.
     auto: an idle batch merges an adapter that fills ``min_merged_rows`` (or is the only one waiting), else runs
     apart; a merged batch stays merged while its adapter's waiting rows fill the free slots (or nothing else
     waits) and otherwise switches to weights apart (exact: only float rounding differs) and admits any adapter.
@@ -61,6 +69,9 @@ def plan_admission(
     waiting = {name: n for name, n in waiting.items() if n > 0}
     busy = sum(running.values())
     free = max_batch_size - busy
+    capacity = max_batch_size
+    if token_room is not None:
+        free, capacity = min(free, token_room), min(capacity, busy + token_room)
     if not waiting or free <= 0:
         return Admission({}, merged)
     if min_merged_rows is None:
@@ -87,7 +98,7 @@ def plan_admission(
         after = None
     # Few free slots and more admissible rows waiting than fit: wait for more slots, change nothing.
     taken = sum(counts.values())
-    if taken == 0 or (taken < max(1, math.ceil(max_batch_size * admit_fraction)) and taken < admissible):
+    if taken == 0 or (taken < max(1, math.ceil(capacity * admit_fraction)) and taken < admissible):
         return Admission({}, merged)
     return Admission(counts, after)
 
@@ -121,3 +132,51 @@ def _take_any(waiting: Mapping[str, int], free: int, running: Mapping[str, int],
         if not progressed:
             break
     return counts
+
+
+class TokenBudget:
+    """max_batch_tokens counted in rows. A row costs its prompt + max_new_tokens: the KV cache it may come to hold.
+
+    The queue says how many rows wait, not how long they are (prompts are read at claim time), so before a
+    claim rows are counted by the mean cost of every row claimed so far; after the claim the real costs are
+    known and ``accept`` says which rows fit. One per running batch; it holds only that running mean.
+    """
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.tokens = 0
+
+    @property
+    def mean_cost(self) -> float | None:
+        return self.tokens / self.rows if self.rows else None
+
+    def room(self, *, max_batch_tokens: int | None, used: int, idle: bool) -> int | None:
+        """How many more rows to claim now beside ``used`` tokens of running rows (None: no token limit).
+
+        An idle batch always takes one row, whatever its cost (a row alone runs, or fails as too large); with
+        nothing learned yet it takes exactly one, and learns from it. A busy batch with nothing learned waits.
+        """
+        if max_batch_tokens is None:
+            return None
+        mean = self.mean_cost
+        if mean is None:
+            return 1 if idle else 0
+        rows = int((max_batch_tokens - used) // mean) if max_batch_tokens > used else 0
+        return max(rows, 1) if idle else rows
+
+    def accept(self, costs: Sequence[int], *, max_batch_tokens: int | None, used: int, idle: bool) -> list[bool]:
+        """Which of these claimed rows (in order) join beside ``used`` tokens; learns their costs.
+
+        First fit in order: a row that does not fit leaves its budget to the smaller rows after it. The first
+        row into an idle batch always joins.
+        """
+        self.rows += len(costs)
+        self.tokens += sum(costs)
+        if max_batch_tokens is None:
+            return [True] * len(costs)
+        left, fits = max_batch_tokens - used, []
+        for cost in costs:
+            ok = cost <= left or (idle and not any(fits))
+            fits.append(ok)
+            left -= cost if ok else 0
+        return fits

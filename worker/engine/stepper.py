@@ -17,7 +17,7 @@ queues them again). Any other exception propagates: the engine, not a request, i
 
 This module knows nothing about Celery, SQL, queues, claims or threads: one caller drives one Stepper.
 It runs over 300 lines because the batch's state (rows, cache, mask, weights) changes in one class only;
-the tensor work lives in decode.py, the admission rule in batching.py.
+the tensor work lives in decode.py, the admission rule and the token budget in batching.py.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 from lorabatch.schemas.errors import AdapterError, RequestTooLarge
 from lorabatch.schemas.settings import BASE_ADAPTER
 from lorabatch.worker.engine import decode
-from lorabatch.worker.engine.batching import Admission, plan_admission
+from lorabatch.worker.engine.batching import Admission, TokenBudget, plan_admission
 from lorabatch.worker.engine.model import free_device_memory, is_out_of_memory
 from lorabatch.worker.engine.params import GenerationRequest, GenerationResult
 from lorabatch.worker.engine.sampling import RowSampler, sample_next
@@ -76,6 +76,7 @@ class Stepper:
         self.merged: str | None = None  # the adapter merged for this batch's forwards; None: adapters apart
         self._planned: Admission | None = None
         self._admitted = 0
+        self.budget = TokenBudget()  # max_batch_tokens in rows, learned from the rows admitted so far
 
     # -- what the caller sees ---------------------------------------------------------------------------
 
@@ -95,7 +96,8 @@ class Stepper:
         return sum(s.live for s in self.batch)
 
     def admission(self, waiting: Mapping[str, int]) -> dict[str, int]:
-        """How many of each adapter's waiting requests to admit now (batching.plan_admission decides)."""
+        """How many of each adapter's waiting requests to admit now: what fits max_batch_size and, by the mean
+        row cost learned so far, max_batch_tokens (batching.plan_admission and TokenBudget.room decide)."""
         engine = self.engine
         self._planned = plan_admission(
             waiting,
@@ -105,12 +107,18 @@ class Stepper:
             max_batch_size=engine.max_batch_size,
             max_adapters=engine.adapters.max_resident,
             min_merged_rows=engine.min_merged_rows,
+            token_room=self.budget.room(max_batch_tokens=engine.max_batch_tokens, used=self._used_tokens(),
+                                        idle=self.idle),
         )
         return dict(self._planned.counts)
 
-    def admit(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """Join ``requests`` (prefilled by the next step); the results of those refused outright, at once."""
+    def admit(self, requests: list[GenerationRequest], *, group: bool = False) -> list[GenerationResult]:
+        """Join ``requests`` (prefilled by the next step); at once, the results of those refused outright and,
+        with finish_reason "preempted" (uncharged: the caller queues them again), of those that do not fit
+        max_batch_tokens beside the rows already here (TokenBudget.accept). ``group``: the requests run as one
+        group (suspects): those that do not fit wait here instead, and join as rows leave."""
         refused: list[GenerationResult] = []
+        fresh: list[Slot] = []
         for request in requests:
             try:
                 prompt = self.engine.encode(request)
@@ -119,8 +127,15 @@ class Stepper:
             except (self.engine.Refused, AdapterError) as e:
                 refused.append(GenerationResult.failed(request, str(e), prompt_tokens=getattr(e, "prompt_tokens", 0)))
                 continue
-            self.pending.append(Slot(request, self.engine.row(request.params, prompt), self._admitted))
-            self._admitted += 1
+            fresh.append(Slot(request, self.engine.row(request.params, prompt), 0))
+        fits = self.budget.accept([_cost(s) for s in fresh], max_batch_tokens=self.engine.max_batch_tokens,
+                                  used=self._used_tokens(), idle=self.idle)
+        for slot, fit in zip(fresh, fits):
+            if fit or group:
+                slot.order, self._admitted = self._admitted, self._admitted + 1
+                self.pending.append(slot)
+            else:
+                refused.append(GenerationResult(slot.request.key, None, "preempted", len(slot.row.prompt), 0))
         self._apply_weights_plan()
         return refused
 
@@ -201,10 +216,10 @@ class Stepper:
 
     def _fitting(self, slots: list[Slot]) -> tuple[list[Slot], list[Slot]]:
         """The pending rows that fit max_batch_tokens beside the running ones (at least one), and the rest."""
-        budget = self.engine.max_batch_tokens - sum(len(s.row.prompt) + s.row.max_new_tokens for s in self._in_cache())
+        budget = self.engine.max_batch_tokens - sum(_cost(s) for s in self._in_cache())
         take, keep = [], []
         for slot in slots:
-            cost = len(slot.row.prompt) + slot.row.max_new_tokens
+            cost = _cost(slot)
             if cost <= budget or (not take and not any(s.live for s in self.batch)):
                 take.append(slot)
                 budget -= cost
@@ -332,3 +347,12 @@ class Stepper:
 
     def _in_cache(self) -> list[Slot]:
         return [s for s in self.batch if s.live]
+
+    def _used_tokens(self) -> int:
+        """The token budget the rows here hold (in the cache or about to be prefilled)."""
+        return sum(_cost(s) for s in self._live())
+
+
+def _cost(slot: Slot) -> int:
+    """A row's share of max_batch_tokens: its prompt and every token it may still generate."""
+    return len(slot.row.prompt) + slot.row.max_new_tokens
