@@ -22,6 +22,12 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def file_stamp(path: Path) -> tuple[int, int, int]:
+    """(mtime_ns, size, inode): changes when a file is rewritten or replaced, without reading it."""
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+
 def adapter_weights_file(directory: Path) -> Path | None:
     """The adapter's safetensors file: in the folder, or in its only `checkpoint-N` subfolder (a trainer
     run folder, resolved as the worker resolves it); None when there is none."""
@@ -39,14 +45,14 @@ def adapter_sha256(directory: Path) -> str | None:
     if weights is None:
         return None
     try:
-        stat = weights.stat()
+        stamp = file_stamp(weights)
     except OSError:  # replaced or removed between the lookup and now
         return None
-    return _file_sha256(str(weights), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    return _file_sha256(str(weights), stamp)
 
 
 @lru_cache(maxsize=256)
-def _file_sha256(path: str, size: int, mtime_ns: int, inode: int) -> str:
+def _file_sha256(path: str, stamp: tuple[int, int, int]) -> str:
     """Keyed on size, mtime and inode as well: a file rewritten or replaced in place is hashed again."""
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Union
 
 from lorabatch.schemas.errors import AdapterError
+from lorabatch.schemas.identity import file_stamp, sha256_bytes
 from lorabatch.schemas.settings import BASE_ADAPTER
 from lorabatch.worker.engine.adapter_files import (
     WEIGHTS_FILE,
@@ -62,7 +63,7 @@ class AdapterManager:
         self.backend = backend if backend is not None else PeftBackend()
         self._model: Any = None
         self._module_names: list[str] | None = None
-        self._resident: OrderedDict[str, tuple] = OrderedDict()  # name -> identity of the files loaded; LRU first
+        self._resident: OrderedDict[str, tuple] = OrderedDict()  # name -> (file stamp..., sha256 loaded); LRU first
         self._warned: set[tuple[str, Path]] = set()  # base model mismatches already logged
         self.on_event: Callable[[str], None] | None = None
         """Told "load", "load_failed", "eviction" or "merge_switch" as they happen (the worker counts them)."""
@@ -146,9 +147,8 @@ class AdapterManager:
         if self._model is None:
             raise RuntimeError("bind(model) before loading adapters")
         spec = self.spec(name)
-        stat = (spec.path / WEIGHTS_FILE).stat()
-        identity = (spec.path, stat.st_mtime_ns, stat.st_size)
-        if self._resident.get(name) == identity:
+        identity = (spec.path, *file_stamp(spec.path / WEIGHTS_FILE))
+        if self._resident.get(name, ())[:4] == identity:
             self._resident.move_to_end(name)
             return spec
         # PEFT's loader re-sets the active adapter, which unmerges (subtracts) a merged one: restore exactly first.
@@ -161,9 +161,16 @@ class AdapterManager:
             if victim is None:
                 break  # every resident adapter is needed by this batch; go one over rather than fail it
             self.evict(victim)
+        sha = sha256_bytes((spec.path / WEIGHTS_FILE).read_bytes())  # what results of these weights name
         self._load_weights(spec)
-        self._resident[name] = identity
+        self._resident[name] = (*identity, sha)
+        if file_stamp(spec.path / WEIGHTS_FILE) != identity[1:]:  # replaced while loading: the backend may
+            return self.load(name, keep=keep)  # not have read the bytes hashed; load the new file
         return spec
+
+    def identity(self, name: str) -> str | None:
+        """sha256 of the weights file bytes loaded for ``name`` (None: not resident); follows reloads."""
+        return self._resident[name][-1] if name in self._resident else None
 
     def evict(self, name: str) -> None:
         """Unload ``name``; the base weights are restored first if it is the merged one."""
