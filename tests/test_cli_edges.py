@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import redis
@@ -15,6 +14,11 @@ from lorabatch.cli.show_config import settings_toml
 from lorabatch.cli.stop import embedded_redis_info
 from lorabatch.schemas.settings import load_settings
 from lorabatch.store import broker
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 
 def lorabatch(cwd: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
