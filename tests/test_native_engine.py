@@ -239,3 +239,61 @@ def test_auto_forward_falls_back_for_unfit_adapters_and_resolves_auto_sizes(demo
     assert fallback.forward == "transformers" and fallback.max_batch_size == 32
     request = GenerationRequest(0, "dora", SamplingParams(max_new_tokens=3), prompt="hi")
     assert fallback.generate([request])[0].error is None
+
+
+def test_cancel_and_abort_on_the_native_path(engine):
+    """A cancelled native row leaves with its text so far; its neighbour goes on; abort hands the rest back."""
+    engine.weights = "separate"
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    full = engine.generate([GenerationRequest("c", "sft", params, prompt=PROMPTS[1])])[0]
+    stepper = engine.stepper()
+    stepper.admit([GenerationRequest("c", "sft", params, prompt=PROMPTS[1]),
+                   GenerationRequest("o", "dpo", params, prompt=PROMPTS[0])])
+    for _ in range(5):
+        assert stepper.step() == []
+    (cancelled,) = stepper.cancel(["c"])
+    assert cancelled.finish_reason == "cancelled" and full.output.startswith(cancelled.output)
+    assert 1 < cancelled.completion_tokens < 40
+    stepper.step()
+    assert stepper.keys() == ["o"] and stepper.abort() == ["o"] and stepper.idle
+
+
+def test_out_of_memory_halves_prefills_and_preempts_decodes(engine, monkeypatch):
+    """Native OOM: a prefill is halved until it fits, a decode step preempts the youngest half; outputs unchanged."""
+    engine.weights = "separate"
+    requests = requests_over_everything()[:8]
+    expected = [r.output for r in engine.generate(requests)]
+    real_prefill, real_decode = engine.native.prefill, engine.runner.decode
+    prefills, decodes = [], []
+
+    def small_prefill(ids, *args):
+        prefills.append(ids.shape[0])
+        if ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_prefill(ids, *args)
+
+    def small_decode(tokens, positions, *args):
+        if len(positions) > 2 and len(decodes) < 1:
+            decodes.append(len(positions))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_decode(tokens, positions, *args)
+
+    monkeypatch.setattr(engine.native, "prefill", small_prefill)
+    monkeypatch.setattr(engine.runner, "decode", small_decode)
+    stepper = engine.stepper()
+    stepper.admit(requests[:4])
+    preempted = stepper.step()
+    assert max(prefills) > 2 and min(prefills) <= 2  # halved until the forwards fit
+    assert sorted(r.key for r in preempted) == [2, 3] and all(r.finish_reason == "preempted" for r in preempted)
+    assert sorted(stepper.keys()) == [0, 1]
+    stepper.abort()
+    assert [r.output for r in engine.generate(requests)] == expected
+
+
+def test_runner_resolves_auto_sizes_into_the_settings(demo_root):
+    """Engine.resolved gives settings whose batch sizes are the engine's ints, for every other reader."""
+    settings = Settings(model={"base": str(demo_root / DEMO_MODEL_DIR)})
+    engine = make_engine(demo_root, max_batch_size="auto", max_batch_tokens="auto", forward="native")
+    resolved = engine.resolved(settings)
+    assert (resolved.worker.max_batch_size, resolved.worker.max_batch_tokens) == (32, 16384)
+    assert settings.worker.max_batch_size == "auto"

@@ -159,14 +159,17 @@ class Engine:
 
         from lorabatch.worker.engine.kv_slots import KVSlots
 
-        tokens = min(self.max_context or 2048, 4096)
-        scratch = KVSlots(shape, slots=1, slot_len=tokens)
+        from lorabatch.worker.engine.slot_stepper import PREFILL_TOKENS
+
+        width = min(self.max_context or PREFILL_TOKENS, PREFILL_TOKENS)
+        rows = max(1, PREFILL_TOKENS // width)  # the largest prefill forward the slot stepper runs
+        scratch = KVSlots(shape, slots=rows, slot_len=width)
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
         with torch.inference_mode():
-            ids = torch.zeros((1, tokens), dtype=torch.long, device=self.device)
-            last = torch.tensor([tokens - 1], device=self.device)
-            self.native.prefill(ids, last, torch.zeros(1, dtype=torch.long, device=self.device), scratch)
+            ids = torch.zeros((rows, width), dtype=torch.long, device=self.device)
+            last = torch.full((rows,), width - 1, dtype=torch.long, device=self.device)
+            self.native.prefill(ids, last, torch.arange(rows, device=self.device), scratch)
         peak = torch.cuda.max_memory_allocated(self.device) - before
         del scratch
         torch.cuda.empty_cache()

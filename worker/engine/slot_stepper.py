@@ -21,7 +21,7 @@ stepper at a time uses an engine's slots.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
@@ -37,6 +37,10 @@ if TYPE_CHECKING:
 
 _DEAD = RowSampler()
 
+PREFILL_TOKENS = 8192
+"""A prefill forward runs at most this many (padded) tokens: its activations are what the KV cache sizing
+reserves (Engine warms up with one such forward), and a larger forward gains nothing on a GPU kept busy."""
+
 
 class SlotStepper(Stepper):
     """One running batch on ``engine``'s native forward and KV slots; see the module docstring."""
@@ -45,6 +49,15 @@ class SlotStepper(Stepper):
         super().__init__(engine)
         self.kv = engine.kv
         self.next_tokens = torch.zeros(self.kv.slots, dtype=torch.long, device=engine.device)
+
+    def admission(self, waiting: Mapping[str, int]) -> dict[str, int]:
+        """Stepper's admission; the engine's max_batch_size may not exceed the slots the cache was built with."""
+        if self.engine.max_batch_size > self.kv.slots:
+            raise ValueError(
+                f"max_batch_size {self.engine.max_batch_size} is over the {self.kv.slots} KV slots this engine "
+                "allocated; build the Engine with the larger max_batch_size instead of raising it afterwards."
+            )
+        return super().admission(waiting)
 
     # -- prefill and join ---------------------------------------------------------------------------------
 
@@ -61,7 +74,7 @@ class SlotStepper(Stepper):
         device = engine.device
         logits = []
         with self._weights([s.adapter for s in part]):
-            for rows in decode.prefill_chunks([len(s.row.prompt) for s in part]):
+            for rows in _capped(decode.prefill_chunks([len(s.row.prompt) for s in part]), part):
                 chunk = part[rows.start : rows.stop]
                 width = max(len(s.row.prompt) for s in chunk)
                 ids = torch.full((len(chunk), width), engine.pad_id, dtype=torch.long)
@@ -75,8 +88,8 @@ class SlotStepper(Stepper):
 
     def _lora(self, names: list[str], width: int = 1) -> Any:
         """The forward's LoRA for rows running ``names`` (None when merged or no adapter is resident)."""
-        if self.merged is not None:
-            return None
+        if self.merged is not None or all(n == BASE_ADAPTER for n in names):
+            return None  # base rows only: no LoRA op at all
         return self.engine.runner.lora([self._stack_index(n) for n in names], width)
 
     def _stack_index(self, name: str) -> int:
@@ -105,12 +118,12 @@ class SlotStepper(Stepper):
         positions = [_position(s) if s.live else 0 for s in self.batch]
         width = max(positions) + 1
         names = [s.adapter if s.live else BASE_ADAPTER for s in self.batch]
+        plain = self.merged is not None or all(n == BASE_ADAPTER for n in names)  # no LoRA op in this step
         out_of_memory = False
         try:
             with self._weights(names):
                 logits = self.engine.runner.decode(
-                    self.next_tokens[:batch], positions, None if self.merged else [self._stack_index(n) for n in names],
-                    width,
+                    self.next_tokens[:batch], positions, None if plain else [self._stack_index(n) for n in names], width
                 )
         except Exception as e:  # noqa: BLE001 - only out-of-memory is handled; anything else re-raises
             if not is_out_of_memory(e):
@@ -150,6 +163,16 @@ class SlotStepper(Stepper):
 
     def _clear(self) -> None:
         self.batch, self.cache, self.mask = [], None, None
+
+
+def _capped(chunks: list[range], part: list[Slot]) -> list[range]:
+    """The chunks, each split so that rows x its longest prompt stays within PREFILL_TOKENS (one row at least)."""
+    out = []
+    for chunk in chunks:
+        width = max(len(part[i].row.prompt) for i in chunk)
+        step = max(1, PREFILL_TOKENS // width)
+        out += [range(start, min(start + step, chunk.stop)) for start in range(chunk.start, chunk.stop, step)]
+    return out
 
 
 def _hole() -> Slot:
