@@ -56,6 +56,8 @@ def worker_record(w: Worker, *, now: datetime | None = None) -> dict:
         "host": w.hostname,
         "pid": w.pid,
         "deployment": w.deployment,
+        "base": w.base,
+        "adapters": w.adapters or {},
         "tokens_per_second": w.tokens_per_second,
         "running": w.running,
         "held": w.held,

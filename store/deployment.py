@@ -17,6 +17,19 @@ of its weight files; a hub id by the id as written. A producer without the model
 machine) takes it from a live worker whose base model has the same folder name, else leaves the job
 unpinned (the first claim pins it).
 
+Failure windows (what happens if a process dies between two steps):
+- submit: the pins are written in the transaction that opens the job and owes its messages; dying
+  before the publish leaves the outbox row, which a worker's reconcile round publishes;
+- a claim that parks requests commits the park with the claim, then the message is acknowledged;
+  dying in between redelivers the message, and its claim parks them again (nothing is lost);
+- a worker that can run parked requests (Upkeep.unpark), and `retarget`, clear the park and owe the
+  messages in one transaction, then publish; dying in between leaves the outbox row, published later;
+- a worker's record of what it serves lags its files by up to one heartbeat: a claim made on the old
+  view runs on what the engine then loads, and a result whose sha256 is not the job's pin is refused
+  (lifecycle.record_outcomes: back to the queue, its adapter parked), never recorded as if it were;
+- references of another base model's job (from the common queue) are owed to its own queue in the
+  claim's transaction and published by a reconcile round after [worker] publish_grace_seconds.
+
 Files only, no SQL: the callers pass what they read from the database.
 """
 

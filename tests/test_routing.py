@@ -236,3 +236,45 @@ def test_a_claim_without_its_token_strands_what_it_took(config_path, tmp_path, c
     with ctx.sessions() as s:
         assert s.get(Worker, "w1") is None  # no heartbeat: only the claim is under test
         assert s.execute(select(Request.state).where(Request.job_id == job_id)).scalars().all() == ["running"] * 2
+
+
+def test_death_between_commit_and_publish_of_unpark_or_retarget_is_repaired(config_path, tmp_path, ctx,
+                                                                             redis_flushed, monkeypatch):
+    """Unparking and `retarget` owe their messages in the transaction that changes the job; a process that
+    dies before publishing leaves the outbox rows, and a reconcile round publishes them."""
+    import lorabatch.producer.retarget as retarget_module
+    import lorabatch.worker.upkeep as upkeep_module
+    from lorabatch.store.reconcile import reconcile
+    from lorabatch.worker.upkeep import Upkeep
+    from tests.test_queue import messages_for
+
+    def die(*a, **k):
+        raise SystemExit("killed between commit and publish")
+
+    reconcile(ctx.sessions, ctx.celery, lease_seconds=30, max_attempts=3)  # a worker's first round marks Redis
+    job_id = submit(config_path, tmp_path / "in.jsonl", lines(4))
+    pins = job_row(ctx, job_id).adapter_pins
+    assert claim(ctx, job_id, range(4), {"sft": "9" * 64}) == []  # sft changed here, dpo not served: both park
+    assert job_row(ctx, job_id).parked == ["dpo", "sft"]
+    before = messages_for(redis_flushed, job_id)
+
+    monkeypatch.setattr(upkeep_module, "publish_owed", die)
+    able = Upkeep(ctx.sessions, ctx.celery, ctx.settings.worker, worker_id="w2", deployment=ctx.deployment.id,
+                  load=dict, serves=lambda: {"dpo": pins["dpo"]})
+    try:
+        able.unpark()
+    except SystemExit:
+        pass
+    monkeypatch.setattr(retarget_module, "publish_owed", die)
+    live_worker(ctx, "w-new", {"sft": "9" * 64})
+    try:
+        retarget_module.retarget(ctx, job_id, adapter="sft")
+    except SystemExit:
+        pass
+    job = job_row(ctx, job_id)
+    assert (job.parked, job.adapter_pins["sft"]) == ([], "9" * 64), "both transactions committed"
+    with ctx.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Outbox)) == 2
+    assert messages_for(redis_flushed, job_id) == before
+    report = reconcile(ctx.sessions, ctx.celery, lease_seconds=30, max_attempts=3, grace_seconds=0.001)
+    assert report.published == 2 and messages_for(redis_flushed, job_id) == before + 2
