@@ -14,6 +14,7 @@ from sqlalchemy import JSON, Boolean, DateTime, Integer, String, Text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapped, mapped_column
 
+from lorabatch.schemas.exact_text import ExactText
 from lorabatch.schemas.tables import Base, create_tables, utcnow
 
 
@@ -28,8 +29,8 @@ class AnnotationCache(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     status: Mapped[str] = mapped_column(String(16))
-    output: Mapped[str | None] = mapped_column(Text)
-    error: Mapped[str | None] = mapped_column(Text)
+    output: Mapped[str | None] = mapped_column(ExactText)
+    error: Mapped[str | None] = mapped_column(ExactText)
     job_id: Mapped[str | None] = mapped_column(String(40))
     updated_at: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)
 

@@ -27,6 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from lorabatch.schemas.exact_text import ExactText
 from lorabatch.schemas.states import JobState, RequestState
 
 
@@ -123,11 +124,12 @@ class Request(Base):
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime())
     finished_at: Mapped[datetime | None] = mapped_column(DateTime())
 
-    output: Mapped[str | None] = mapped_column(Text)
+    output: Mapped[str | None] = mapped_column(ExactText)
+    """What the model generated, exactly: NUL characters included (schemas.exact_text)."""
     finish_reason: Mapped[str | None] = mapped_column(String(16))
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
-    error: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(ExactText)
     base_model: Mapped[str | None] = mapped_column(String(300))
     """Provenance of the result: the base model the worker served..."""
     adapter_sha256: Mapped[str | None] = mapped_column(String(64))

@@ -2,15 +2,24 @@
 
 A request whose prompt contains POISON kills the whole worker process with SIGKILL when the
 engine admits it, as the out-of-memory killer would. With LORABATCH_TEST_FAULT=engine-fails, the
-engine's third step raises instead, as a CUDA error would. Everything else is the real worker.
+engine's third step raises instead, as a CUDA error would.
+
+With the instant engine (`[worker] engine = "instant"`): a step raises ValueError while a row whose
+prompt contains RAISE is in the batch (a Python exception one request causes, e.g. a bad value in its
+sampling); a row whose prompt contains ECHO: answers with the JSON string written after it (so
+that a test can have the engine "generate" NUL and other control characters, which no prompt may
+hold). Everything else is the real worker.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import signal
 import sys
 
+import lorabatch.worker.engine.instant as instant_module
 import lorabatch.worker.engine.stepper as stepper_module
 from lorabatch.cli.main import main
 
@@ -36,6 +45,31 @@ if os.environ.get("LORABATCH_TEST_FAULT") == "engine-fails":
         return _step(self)
 
     stepper_module.Stepper.step = _step_or_fail
+
+RAISE, ECHO = "RAISE", "ECHO:"
+_instant_admit, _instant_step = instant_module.InstantStepper.admit, instant_module.InstantStepper.step
+
+
+def _instant_step_or_raise(self):
+    bad = [r.key for r in self.rows if RAISE in (r.prompt or "")]
+    if bad:
+        raise ValueError(f"injected: the engine raises on request {bad[0]}")
+    results = _instant_step(self)
+    out = []
+    for res in results:
+        prompt = self.prompts.pop(res.key, "")
+        out.append(dataclasses.replace(res, output=json.loads(prompt.split(ECHO, 1)[1])) if ECHO in prompt else res)
+    return out
+
+
+def _instant_admit_remembering(self, requests, **kw):
+    self.prompts = getattr(self, "prompts", {})
+    self.prompts.update({r.key: r.prompt or "" for r in requests})
+    return _instant_admit(self, requests, **kw)
+
+
+instant_module.InstantStepper.step = _instant_step_or_raise
+instant_module.InstantStepper.admit = _instant_admit_remembering
 
 if __name__ == "__main__":
     sys.exit(main())

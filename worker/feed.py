@@ -116,6 +116,14 @@ class Feed:
                 m.taken -= 1
             self._finish_done()
 
+    def untake(self, taken: list[tuple[Message, int]]) -> None:
+        """These references were taken but not claimed (the claim gave up on shutdown): pending again."""
+        with self._lock:
+            for m, idx in taken:
+                m.taken -= 1
+                m.pending.append(idx)
+            self._lock.notify_all()
+
     def trim(self, message: Message, keep_at_most: int) -> list[int]:
         """Take back the references of `message` beyond what the feed should hold (`keep_at_most`
         pending references in all): returns them, for the caller to send back to the queue. The

@@ -34,6 +34,8 @@ import uuid
 from collections import defaultdict
 from collections.abc import Hashable
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from lorabatch.schemas.errors import LorabatchError
 from lorabatch.schemas.settings import Settings
 from lorabatch.store import broker, lifecycle, outbox
@@ -184,10 +186,19 @@ class WorkerService:
         w = self.settings.worker
         claim_id = uuid.uuid4().hex  # a retry after an ambiguous COMMIT gets back what this claim took
         serves = dict(self.serving)
-        claim = with_db_retry(self.sessions, lambda s: lifecycle.claim_requests(
-            s, refs=refs, worker_id=self.worker_id, deployment=self.deployment.id, max_attempts=w.max_attempts,
-            suspects=suspects, serves=serves, claim_id=claim_id),
-            what="claiming requests")
+        try:
+            claim = with_db_retry(self.sessions, lambda s: lifecycle.claim_requests(
+                s, refs=refs, worker_id=self.worker_id, deployment=self.deployment.id, max_attempts=w.max_attempts,
+                suspects=suspects, serves=serves, claim_id=claim_id),
+                what="claiming requests", give_up=self._stopping.is_set)
+        except SQLAlchemyError:
+            if not self._stopping.is_set():
+                raise
+            # SIGTERM during a database outage: these references go back with the rest (the wind-down
+            # publishes them again, or rejects their messages). If the claim did commit, its requests
+            # run under a worker that leaves: forget_worker or, after the lease, reconcile puts them back.
+            self.feed.untake(taken)
+            return False
         self.feed.settle(taken)  # claimed or not, these references are done with: their messages may be acked
         if claim.gave_up:
             log.warning("%d request(s) failed after their worker died %d times", len(claim.gave_up), w.max_attempts)

@@ -47,7 +47,8 @@ class InstantStepper:
             room -= plan[adapter]
         return plan
 
-    def admit(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    def admit(self, requests: list[GenerationRequest], *, group: bool = False) -> list[GenerationResult]:
+        """`group` (suspects, admitted together) changes nothing here: instant rows never go back."""
         self.rows += requests
         for r in requests:
             self.steps_left[r.key] = 1 + hash(r.key) % 8
