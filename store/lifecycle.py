@@ -477,6 +477,36 @@ def release_requests(session: Session, *, worker_id: str, keys: Iterable[tuple[s
     return len(_requeue(session, jobs, rows, suspect=0))
 
 
+def release_after_error(session: Session, *, worker_id: str, keys: Iterable[tuple[str, int]], error: str,
+                        max_attempts: int) -> tuple[int, int]:
+    """Requests this worker was running when its engine raised (a Python exception, not out of
+    memory): any of them may be the cause, so the attempt counts and they go back as suspects, apart
+    from other work: as a group, then each alone on its last attempt (as for a worker that died). One
+    that raised running alone on its last attempt fails with the error; the others never fail for
+    their neighbour (their attempts stop one short, so that they run alone next). Returns (requeued,
+    failed)."""
+    wanted = _by_job(keys)
+    if not wanted:
+        return 0, 0
+    jobs = _lock_jobs(session, wanted, missing_ok=True)
+    rows = _locked_requests(session, {j: wanted[j] for j in sorted(jobs)}, state=R, worker_id=worker_id)
+    if len(rows) == 1 and rows[0].attempts >= max_attempts:
+        row, job = rows[0], jobs[rows[0].job_id]
+        row.state, row.finished_at, row.worker_id = F.value, utcnow(), None
+        row.error = (f"the engine raised on this request {row.attempts} times (alone the last time): "
+                     f"{error[:500]}")
+        job.n_running -= 1
+        job.n_failed += 1
+        _settle(job)
+        return 0, 1
+    for row in rows:
+        row.attempts = min(row.attempts, max_attempts - 1)
+    last_try = [r for r in rows if r.attempts >= max_attempts - 1]
+    group = [r for r in rows if r.attempts < max_attempts - 1]
+    return len(_requeue(session, jobs, group, suspect=SUSPECT_GROUP)) + len(
+        _requeue(session, jobs, last_try, suspect=SUSPECT_ALONE)), 0
+
+
 def orphaned_requests(session: Session, *, lease: timedelta, max_attempts: int, alive: str | None = None) -> int:
     """Put back the requests running under workers that stopped sending heartbeats, with their
     messages (marked as suspects: one of them may be what killed the worker). `alive` is the caller's

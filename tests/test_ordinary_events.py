@@ -124,3 +124,32 @@ def test_recorder_retries_a_database_that_refuses_writes_then_recovers(config_pa
     assert refused_at < n, "the refusal came while requests were still running"
     assert "recording" in w.read_log() and "failed" in w.read_log(), "the recorder met the refusal"
     assert w.proc.poll() is None
+
+
+def test_a_request_that_makes_the_engine_raise_fails_alone(config_path, tmp_path, ctx):
+    """A request on which the engine raises a Python exception counts an attempt each time: it ends
+    failed with that exception after max_attempts (alone the last time); its neighbours succeed."""
+    from lorabatch.producer.status import read_summary
+
+    tune_worker(config_path, max_attempts=3, **FAST_RECOVERY, **INSTANT)
+    lines = work(24, max_new_tokens=6)
+    lines[5]["prompt"] = "RAISE: the engine raises on this one"
+    job_id = submit_lines(config_path, tmp_path / "in.jsonl", lines)
+    workers = []
+    deadline = time.monotonic() + 240
+    try:
+        while read_summary(ctx.sessions, job_id)["state"] != "completed":  # a supervisor restarting workers
+            assert time.monotonic() < deadline, f"job did not end: {read_summary(ctx.sessions, job_id)['counts']}"
+            if not workers or workers[-1].proc.poll() is not None:
+                workers.append(fault_worker(config_path, tmp_path / f"w{len(workers)}.log"))
+            time.sleep(0.3)
+    finally:
+        for w in workers:
+            w.stop()
+    rs = rows(ctx, job_id)
+    assert rs[5].state == "failed" and "raised on this request 3 times" in rs[5].error, (rs[5].state, rs[5].error)
+    assert "injected: the engine raises" in rs[5].error
+    assert all(r.state == "succeeded" for r in rs if r.idx != 5), [(r.idx, r.state, r.attempts) for r in rs]
+    assert all(r.attempts <= 3 for r in rs)
+    print(f"\nengine raised on one request: {len(workers)} worker starts, attempts "
+          f"{sorted(r.attempts for r in rs if r.attempts > 1)}")

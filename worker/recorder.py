@@ -66,6 +66,12 @@ class Recorder:
         if keys:
             self._inbox.put(("release", keys))
 
+    def hand_back_after_error(self, keys: list[tuple[str, int]], error: str, *, max_attempts: int) -> None:
+        """Requests running when the engine raised: back to the queue as suspects, the attempt
+        counted (lifecycle.release_after_error)."""
+        if keys:
+            self._inbox.put(("raised", (keys, error, max_attempts)))
+
     def close(self, timeout: float | None = None) -> None:
         """Record everything handed in so far, then stop (giving up CLOSE_GIVE_UP_SECONDS from now)."""
         self._give_up_at = time.monotonic() + CLOSE_GIVE_UP_SECONDS
@@ -99,6 +105,9 @@ class Recorder:
                 for k, p in items:
                     if k == "release":
                         self._surely(lambda p=p: self._release(p), what=f"handing back {len(p)} request(s)")
+                    elif k == "raised":
+                        self._surely(lambda p=p: self._release_after_error(*p),
+                                     what=f"handing back {len(p[0])} request(s) the engine raised on")
                     elif k == "stop":
                         return
             finally:
@@ -170,6 +179,18 @@ class Recorder:
         except DBAPIError:  # not even the failure: never leave it running under a live worker
             self._release([(o.job_id, o.idx)])
             return 0
+
+    def _release_after_error(self, keys: list[tuple[str, int]], error: str, max_attempts: int) -> None:
+        def release(session: Session) -> list[int]:
+            requeued, failed = lifecycle.release_after_error(session, worker_id=self.worker_id, keys=keys,
+                                                             error=error, max_attempts=max_attempts)
+            if failed:
+                log.warning("request %s of %s failed: the engine raised on it alone on its last attempt",
+                            keys[0][1], keys[0][0])
+            return outbox.owed_ids(session)
+
+        owed = with_db_retry(self.sessions, release, what="handing back work", give_up=self._giving_up)
+        publish_owed(self.sessions, self.app, ids=owed)  # if this fails, reconcile publishes them
 
     def _release(self, keys: list[tuple[str, int]]) -> None:
         def release(session: Session) -> list[int]:

@@ -16,9 +16,13 @@ Failure windows:
 - killed between claim and admit, or mid-batch: the claimed requests are `running` under a dead
   worker; reconcile (any worker) puts them back once this one is found dead (same host: at once;
   elsewhere: after the lease), and their attempt counts;
-- the engine itself fails (an exception out of the stepper: CUDA error, a bug): not the requests'
-  fault, so nothing is recorded as failed; every running request and every held reference goes back
-  to the queue and the worker exits non-zero for its supervisor to restart it;
+- the engine raises (a Python exception out of the stepper other than out of memory, which the
+  stepper handles: a request it cannot run, a bug, a CUDA error): any running request may be the
+  cause, so their attempt counts and they go back as suspects (lifecycle.release_after_error: a
+  group, then each alone; one that raises alone on its last attempt fails with the exception, its
+  neighbours never do); held references go back uncharged; the worker exits non-zero for its
+  supervisor to restart it (a CUDA error leaves the process unusable). So a request that makes the
+  engine raise fails after max_attempts instead of coming back forever with its neighbours;
 - SIGTERM: held references go back at once, the batch runs on for shutdown_grace_seconds, what is
   still running then goes back too.
 """
@@ -40,7 +44,7 @@ from lorabatch.schemas.errors import LorabatchError
 from lorabatch.schemas.settings import Settings
 from lorabatch.store import broker, lifecycle, outbox
 from lorabatch.store.context import Context
-from lorabatch.store.deployment import Deployment, served_adapters
+from lorabatch.store.deployment import Deployment
 from lorabatch.store.reconcile import publish_owed
 from lorabatch.store.retry import with_db_retry
 from lorabatch.worker.engine.params import GenerationRequest, GenerationResult, SamplingParams
@@ -48,6 +52,7 @@ from lorabatch.worker.cancels import CancelPoll
 from lorabatch.worker.feed import Feed, Message
 from lorabatch.worker.rate import TokenRate
 from lorabatch.worker.recorder import Recorder
+from lorabatch.worker.serving import ServedAdapters
 from lorabatch.worker.upkeep import Upkeep
 
 log = logging.getLogger("lorabatch.worker")
@@ -57,7 +62,11 @@ CLOSE_SECONDS = 30.0
 
 
 class EngineFailed(LorabatchError):
-    """The engine broke (not one request's fault): the work went back to the queue; restart the worker."""
+    """The engine broke: the work went back to the queue; restart the worker."""
+
+
+class EngineRaised(Exception):
+    """The engine raised while running requests (worker.service's failure windows)."""
 
 
 class WorkerService:
@@ -69,10 +78,7 @@ class WorkerService:
         self.context = context or Context(settings)
         self.sessions, self.app = self.context.sessions, self.context.celery
         self.deployment = deployment or self.context.deployment
-        self.serving: dict[str, str | None] = dict(self.deployment.adapters)
-        """Adapter name -> sha256 of its weights as the files are now: what claims check against the
-        jobs' pins and heartbeats report. Refreshed at every heartbeat (hashed again only on change)."""
-        self._weights = getattr(engine, "adapters", None)  # the AdapterManager; the instant engine has none
+        self.serving = ServedAdapters(settings, self.deployment, engine)
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.metrics = metrics
         self.stepper = engine.stepper()
@@ -80,7 +86,7 @@ class WorkerService:
         self.recorder = Recorder(self.sessions, self.app, worker_id=self.worker_id, on_recorded=self._recorded,
                                  on_retry=metrics.db_retry if metrics else None)
         self.upkeep = Upkeep(self.sessions, self.app, settings.worker, worker_id=self.worker_id,
-                             deployment=self.deployment.id, load=self._load, serves=lambda: self.serving)
+                             deployment=self.deployment.id, load=self._load, serves=lambda: self.serving.view)
         self.failure: BaseException | None = None
         self._adapters: dict[Hashable, str] = {}
         self._stopping = threading.Event()
@@ -150,15 +156,24 @@ class WorkerService:
                     continue
                 started = time.perf_counter()
                 rows = self.stepper.running
-                self._finished(self.stepper.step())
+                self._finished(self._engine(self.stepper.step))
                 if self.metrics:
                     self.metrics.record_step(rows, self.settings.worker.max_batch_size, time.perf_counter() - started)
             self._wind_down()
         except BaseException as e:  # noqa: BLE001 - the engine failed: hand everything back, exit non-zero
-            log.exception("the engine failed; handing back all work, the worker exits")
-            self.failure = e
-            self._give_back_everything()
+            log.exception("the engine failed; handing back all work (the requests it ran as suspects, their "
+                          "attempt counted), the worker exits")
+            self.failure = e.__cause__ if isinstance(e, EngineRaised) and e.__cause__ else e
+            self._give_back_everything(raised=isinstance(e, EngineRaised))
             os.kill(os.getpid(), 15)  # Celery's warm shutdown; run_worker then raises EngineFailed
+
+    @staticmethod
+    def _engine(call):
+        """A stepper call: what it raises is marked as raised by the engine while running requests."""
+        try:
+            return call()
+        except Exception as e:
+            raise EngineRaised(str(e)) from e
 
     def _admit(self) -> bool:
         suspect = self.feed.next_suspect()
@@ -185,7 +200,7 @@ class WorkerService:
             refs[message.job_id].append(idx)
         w = self.settings.worker
         claim_id = uuid.uuid4().hex  # a retry after an ambiguous COMMIT gets back what this claim took
-        serves = dict(self.serving)
+        serves = dict(self.serving.view)
         try:
             claim = with_db_retry(self.sessions, lambda s: lifecycle.claim_requests(
                 s, refs=refs, worker_id=self.worker_id, deployment=self.deployment.id, max_attempts=w.max_attempts,
@@ -208,7 +223,7 @@ class WorkerService:
             self._adapters[key] = r.adapter
             requests.append(GenerationRequest(key=key, adapter=r.adapter, prompt=r.prompt, messages=r.messages,
                                               params=SamplingParams(**{**r.params, "stop": tuple(r.params.get("stop", ()))})))
-        self._finished(self.stepper.admit(requests, group=suspects))  # suspects run as one group: none go back
+        self._finished(self._engine(lambda: self.stepper.admit(requests, group=suspects)))  # suspects run as one group: none go back
         return bool(requests)
 
     def _finished(self, results: list[GenerationResult]) -> None:
@@ -222,7 +237,7 @@ class WorkerService:
             outcomes.append(lifecycle.Outcome(
                 job_id, idx, res.output, res.finish_reason, res.prompt_tokens, res.completion_tokens, res.error,
                 cancelled=res.finish_reason == "cancelled", base_model=self.deployment.base,
-                adapter_sha256=self._weights_of(adapter)))
+                adapter_sha256=self.serving.weights_of(adapter)))
             if res.error:
                 log.warning("request %s of %s failed: %s", idx, job_id, res.error)
             if self.metrics:
@@ -246,12 +261,20 @@ class WorkerService:
             self._finished(self.stepper.step())
         self._hand_back(self.stepper.abort())
 
-    def _give_back_everything(self) -> None:
+    def _give_back_everything(self, *, raised: bool = False) -> None:
         try:
             keys = self.stepper.abort()
         except BaseException:  # noqa: BLE001 - the engine is broken; what it held is known here too
-            keys = list(self._adapters)
-        self._hand_back(keys)
+            keys = []
+        keys = list(dict.fromkeys([*keys, *self._adapters]))  # claimed, even if admit raised halfway
+        if raised:
+            for key in keys:
+                self._adapters.pop(key, None)
+            cause = self.failure
+            self.recorder.hand_back_after_error(keys, f"{type(cause).__name__}: {cause}",
+                                                max_attempts=self.settings.worker.max_attempts)
+        else:
+            self._hand_back(keys)
         self._publish_again(self.feed.give_back(everything=True))
 
     def _hand_back(self, keys: list[Hashable]) -> None:
@@ -283,23 +306,6 @@ class WorkerService:
 
     # ---- reporting
 
-    def _weights_of(self, adapter: str | None) -> str | None:
-        """The sha256 of the weights that produced a result: of the bytes the engine loaded for
-        `adapter`, else (an engine that does not say) of its file as this worker last saw it."""
-        if not adapter or adapter not in self.serving:
-            return None
-        identity = getattr(self._weights, "identity", None)
-        return (identity(adapter) if identity is not None else None) or self.serving.get(adapter)
-
-    def _refresh_serving(self) -> dict[str, str | None]:
-        """Read again what this worker serves: an adapter file replaced in place shows here at the next
-        heartbeat (its next load uses the new bytes), and in SQL with that heartbeat."""
-        try:
-            self.serving = served_adapters(self.settings)
-        except OSError as e:  # a file vanishing mid-read: keep the last view, try at the next beat
-            log.warning("could not read the adapters' files (%s)", e)
-        return self.serving
-
     def _recorded(self, outcomes: list[lifecycle.Outcome]) -> None:
         self.rate.add(sum(o.completion_tokens or 0 for o in outcomes))
 
@@ -308,5 +314,5 @@ class WorkerService:
         if self.metrics:
             self.metrics.set_held(held)
         return {"running": self.stepper.running, "held": held, "base": self.deployment.base,
-                "adapters": self._refresh_serving(),
+                "adapters": self.serving.refresh(),
                 "tokens_per_second": self.rate.per_second()}
