@@ -8,16 +8,20 @@ from datetime import datetime
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from lorabatch.producer.inputs import plural
 from lorabatch.producer.jobs import find_job, workers_for_job
 from lorabatch.schemas.states import JobState
-from lorabatch.schemas.tables import Job, utcnow
+from lorabatch.schemas.tables import Job, Request, utcnow
 
 WATCH_INTERVAL = 0.5
 """Seconds between refreshes of `status --watch`."""
+NO_PROGRESS_SECONDS = 60.0
+"""An open job with queued requests, none running, and no request started or ended for this long:
+`status` says "no progress for ..." instead of an ETA (workers replace lost messages well within a
+minute with the default settings, so this means nothing can run it: see the worker line)."""
 
 
 def job_summary(job: Job, *, now: datetime | None = None) -> dict:
@@ -56,7 +60,32 @@ def read_summary(sessions: sessionmaker[Session], job_id: str, *, lease_seconds:
         summary = job_summary(job)
         if lease_seconds is not None:
             summary["workers"] = workers_for_job(session, job, lease_seconds=lease_seconds)
+            summary["no_progress_seconds"] = no_progress_seconds(session, job)
+            if summary["no_progress_seconds"] is not None:
+                summary["eta_seconds"] = None  # an ETA from the past rate would be a promise nobody keeps
         return summary
+
+
+def no_progress_seconds(session: Session, job: Job, *, now: datetime | None = None) -> float | None:
+    """How long an open job with queued requests and none running has gone without a request starting
+    or ending, once that is NO_PROGRESS_SECONDS or more; None otherwise. (Read from the requests' times
+    only in that case: a job with running requests is generating.)"""
+    if JobState(job.state).is_final or not job.n_queued or job.n_running or not job.total:
+        return None
+    started, finished = session.execute(select(func.max(Request.claimed_at), func.max(Request.finished_at))
+                                        .where(Request.job_id == job.id)).one()
+    last = max(t for t in (job.created_at, job.started_at, started, finished) if t is not None)
+    idle = ((now or utcnow()) - last).total_seconds()
+    return round(idle, 1) if idle >= NO_PROGRESS_SECONDS else None
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
 
 
 def worker_note(summary: dict) -> str | None:
@@ -107,6 +136,8 @@ def format_summary(s: dict) -> str:
     parts.append("  ".join(f"{k} {c[k]}" for k in ("queued", "running", "succeeded", "failed", "cancelled")))
     tps = f"{s['tokens_per_second']} tokens/s" if s["tokens_per_second"] else "- tokens/s"
     eta = f"ETA {s['eta_seconds']:.0f}s" if s["eta_seconds"] is not None else ""
+    if s.get("no_progress_seconds") is not None:
+        eta = f"no progress for {_duration(s['no_progress_seconds'])}; {c['queued']} queued, none running"
     parts.append(f"tokens in {s['prompt_tokens']} out {s['completion_tokens']}  {tps}  {eta}".rstrip())
     if note := worker_note(s):
         parts.append(note)
@@ -135,6 +166,8 @@ def watch(sessions: sessionmaker[Session], job_id: str, *, console: Console | No
             c = summary["counts"]
             tps = f" {summary['tokens_per_second']:.0f} tok/s" if summary["tokens_per_second"] else ""
             eta = f" ETA {summary['eta_seconds']:.0f}s" if summary["eta_seconds"] is not None else ""
+            if summary.get("no_progress_seconds") is not None:
+                eta = f" no progress for {_duration(summary['no_progress_seconds'])}"
             failed = f" failed {c['failed']}" if c["failed"] else ""
             note = worker_note(summary) if not c["running"] else None
             workers = f" | {note}" if note and note.startswith(("no live", "adapter")) else ""

@@ -153,3 +153,57 @@ def test_a_request_that_makes_the_engine_raise_fails_alone(config_path, tmp_path
     assert all(r.attempts <= 3 for r in rs)
     print(f"\nengine raised on one request: {len(workers)} worker starts, attempts "
           f"{sorted(r.attempts for r in rs if r.attempts > 1)}")
+
+
+def _queue_lists(client) -> list[bytes]:
+    return [k for k in client.scan_iter(match="lorabatch*") if client.type(k) == b"list"]
+
+
+def test_a_deleted_queue_key_is_replaced_by_the_workers(config_path, tmp_path, ctx, start_worker, redis_flushed):
+    """The queue lists deleted mid-job while Redis stays up (its epoch key kept, so no reset is seen):
+    the workers' own reconcile publishes the queued requests again within the bound; the job ends
+    exactly once with nobody running `lorabatch reconcile`."""
+    from lorabatch.store.lost_messages import bound_seconds
+    from tests.conftest import _redis_client
+
+    options = {**FAST_RECOVERY, **INSTANT, "max_batch_size": 4}
+    tune_worker(config_path, **options)
+    n = 400
+    w = start_worker()
+    job_id = submit_lines(config_path, tmp_path / "in.jsonl", work(n))
+    client = _redis_client(redis_flushed)
+    wait_until(lambda: succeeded(ctx, job_id) >= 40, what="progress before the loss", workers=[w])
+    deleted = _queue_lists(client)
+    assert deleted, "the job's messages were waiting in a queue list"
+    client.delete(*deleted)
+    lost_at, left = time.monotonic(), n - succeeded(ctx, job_id)
+    bound = bound_seconds(reconcile_seconds=options["reconcile_seconds"], heartbeat_seconds=options["heartbeat_seconds"])
+    wait_until(lambda: _queue_lists(client), timeout=bound + 10, what="messages published again", workers=[w])
+    republished = time.monotonic() - lost_at
+    wait_for_job(ctx, job_id, workers=[w], timeout=120)
+    assert_exactly_once(ctx, job_id, n)
+    assert "had no message in flight" in w.read_log()
+    print(f"\nqueue key deleted with {left} requests left: messages back after {republished:.1f}s "
+          f"(bound {bound:.1f}s), job done {time.monotonic() - lost_at:.1f}s after the loss")
+    assert republished <= bound + 5
+
+
+def test_a_killed_workers_held_messages_come_back_before_the_visibility_timeout(config_path, tmp_path, ctx,
+                                                                                start_worker):
+    """A worker SIGKILLed mid-job holds unacknowledged messages that Redis would give out only after
+    the visibility timeout (300 s here); the workers' reconcile publishes their requests again within
+    the bound, and a restarted worker finishes the job exactly once, long before that."""
+    options = {**FAST_RECOVERY, **INSTANT, "visibility_timeout": 300, "max_batch_size": 4}
+    tune_worker(config_path, **options)
+    n = 300
+    job_id = submit_lines(config_path, tmp_path / "in.jsonl", work(n))
+    w = start_worker()
+    wait_until(lambda: succeeded(ctx, job_id) >= 40, what="progress before the kill", workers=[w])
+    w.kill(signal.SIGKILL)
+    killed_at = time.monotonic()
+    w2 = start_worker()
+    wait_for_job(ctx, job_id, workers=[w, w2], timeout=150)
+    took = time.monotonic() - killed_at
+    assert_exactly_once(ctx, job_id, n)
+    print(f"\nworker SIGKILLed: job done {took:.1f}s later (visibility timeout 300 s)")
+    assert took < 150

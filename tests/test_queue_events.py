@@ -110,3 +110,23 @@ def test_same_idempotency_key_after_a_submit_killed_mid_insert(config_path, tmp_
         assert s.scalar(select(func.count()).select_from(Request)) == n
         assert s.get(Job, again.job_id).n_queued == n
     assert submit_module.submit_file(ctx, str(path), idempotency_key="nightly-1").job_id == again.job_id
+
+
+def test_status_says_when_a_job_makes_no_progress(config_path, tmp_path, ctx, monkeypatch):
+    """A job with queued requests, none running and none started or ended for a while: status says
+    "no progress for ..." instead of an ETA; before that, it does not."""
+    import lorabatch.producer.status as status
+
+    job_id = submit(config_path, tmp_path / "in.jsonl", lines(6))
+    _claim(ctx, job_id, [0, 1], "w1")
+    with transaction(ctx.sessions) as s:
+        lifecycle.record_outcomes(s, worker_id="w1", outcomes=[lifecycle.Outcome(job_id, i, "ok", "stop", 1, 1)
+                                                              for i in (0, 1)])
+    fresh = status.format_summary(status.read_summary(ctx.sessions, job_id, lease_seconds=30))
+    assert "no progress" not in fresh
+    monkeypatch.setattr(status, "NO_PROGRESS_SECONDS", 1.0)
+    time.sleep(1.5)
+    summary = status.read_summary(ctx.sessions, job_id, lease_seconds=30)
+    text = status.format_summary(summary)
+    assert "no progress for 1s; 4 queued, none running" in text, text
+    assert "ETA" not in text and summary["eta_seconds"] is None

@@ -101,6 +101,15 @@ class Feed:
                     m.pending, m.taken, left[m.adapter] = m.pending[n:], m.taken + n, left[m.adapter] - n
         return out
 
+    def references(self) -> dict[str, list[int]]:
+        """{job_id: idxs} of every message held (whole messages: their Redis copies are unacknowledged
+        until done), for the worker's held report (store.inflight)."""
+        out: dict[str, list[int]] = {}
+        with self._lock:
+            for m in self._messages:
+                out.setdefault(m.job_id, []).extend(m.idxs)
+        return out
+
     def take_message(self, message: Message) -> list[tuple[Message, int]]:
         """All pending references of one message (suspects run as their message's group)."""
         with self._lock:

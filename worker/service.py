@@ -87,6 +87,7 @@ class WorkerService:
                                  on_retry=metrics.db_retry if metrics else None)
         self.upkeep = Upkeep(self.sessions, self.app, settings.worker, worker_id=self.worker_id,
                              deployment=self.deployment.id, load=self._load, serves=lambda: self.serving.view)
+        self.upkeep.held = self.feed.references  # its messages count as in flight while it lives (store.inflight)
         self.failure: BaseException | None = None
         self._adapters: dict[Hashable, str] = {}
         self._stopping = threading.Event()

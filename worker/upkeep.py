@@ -1,5 +1,6 @@
-"""A worker's background duties: heartbeats into SQL, and reconcile rounds that repair what crashes
-and Redis restarts leave behind (store.reconcile), including for other workers' deaths."""
+"""A worker's background duties: heartbeats into SQL (and the references it holds into Redis:
+store.inflight), and reconcile rounds that repair what crashes, Redis restarts and lost messages
+leave behind (store.reconcile, store.lost_messages), including for other workers' deaths."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from lorabatch.schemas.settings import WorkerSettings
-from lorabatch.store import lifecycle, outbox
+from lorabatch.store import inflight, lifecycle, outbox
+from lorabatch.store.lost_messages import replace_lost_messages
 from lorabatch.store.reconcile import publish_owed, reconcile
 from lorabatch.store.retry import with_db_retry
 
@@ -33,6 +35,8 @@ class Upkeep:
         self.worker_id, self.deployment, self.load, self.serves = worker_id, deployment, load, serves
         self.host = host_label()
         self._stopping = threading.Event()
+        self.held: Callable[[], Mapping[str, list[int]]] | None = None
+        """The references this worker's feed holds, reported to Redis every beat (store.inflight)."""
 
     def start(self) -> None:
         self.heartbeat()
@@ -45,6 +49,12 @@ class Upkeep:
 
     def heartbeat(self) -> None:
         load = self.load()
+        if self.held is not None:
+            try:  # before the database: a worker cut off from SQL still vouches for its messages
+                inflight.report_held(self.app, self.worker_id, self.held(),
+                                     heartbeat_seconds=self.settings.heartbeat_seconds)
+            except Exception as e:  # noqa: BLE001 - Redis down: its messages may be sent again (harmless)
+                log.warning("could not report held messages to Redis (%s)", type(e).__name__)
         with_db_retry(self.sessions, lambda s: lifecycle.heartbeat(
             s, worker_id=self.worker_id, hostname=self.host or socket.gethostname(), pid=os.getpid(),
             deployment=self.deployment, **load), what="heartbeat", give_up=self._stopping.is_set)
@@ -63,6 +73,12 @@ class Upkeep:
         if report.orphans or report.redis_was_reset or report.published:
             log.warning("reconcile: %d orphaned request(s) requeued, %d message(s) published%s", report.orphans,
                         report.published, " (Redis had lost its data, or is new: refilled from the database)" if report.redis_was_reset else "")
+        replaced = replace_lost_messages(self.sessions, self.app, worker_id=self.worker_id,
+                                         reconcile_seconds=self.settings.reconcile_seconds,
+                                         heartbeat_seconds=self.settings.heartbeat_seconds)
+        if replaced:
+            log.warning("reconcile: %d queued request(s) had no message in flight (lost from Redis, or held by "
+                        "a dead worker): published again", replaced)
 
     def unpark(self) -> int:
         """Publish parked requests this worker can run (lifecycle.unpark_adapters). Dying between the
