@@ -63,3 +63,25 @@ def test_worker_claims_only_what_fits_max_batch_tokens(config_path: Path, tmp_pa
     # lands within RECORDING_LAG of the moment it was seen `running` had ended by then (or was about to).
     generating = [(when, [i for i in running if ended[i].finished_at > when + RECORDING_LAG]) for when, running in seen]
     assert max(len(rows) for _, rows in generating) == 2, [g for g in generating if len(g[1]) > 2][:3]
+
+
+def test_rows_claimed_beyond_the_budget_go_back_uncharged_and_run_later(config_path: Path, tmp_path: Path, ctx,
+                                                                        start_worker):
+    """Rows of very different costs (the learned mean misjudges some): what does not fit after a claim goes back
+    to the queue uncharged, comes round again, and the job completes with every request run exactly once."""
+    tune_config(config_path, "worker", max_batch_size=32, max_batch_tokens=700)
+    adapters = ["sft", "dpo", "base", "sft-ckpt39"]
+    # About 100 prompt tokens each; outputs of 450 or 40 tokens: rows cost about 550 or 140 tokens.
+    lines = [{"custom_id": f"r{i}", "adapter": adapters[i % 4], "max_new_tokens": 450 if i % 2 else 40,
+              "prompt": " ".join(f"w{chr(97 + i)}x{j}" for j in range(20))} for i in range(14)]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    r = run_cli(config_path, "submit", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    job_id = json.loads(r.stdout)["id"]
+    w = start_worker()
+    summary = wait_for_job(ctx, job_id, workers=[w], timeout=300)
+    with ctx.sessions() as s:
+        ended = list(s.scalars(select(Request).where(Request.job_id == job_id)))
+    assert summary["counts"]["succeeded"] == len(lines), [(r.idx, r.state, r.error) for r in ended][:3]
+    assert [r.attempts for r in ended] == [1] * len(lines)  # handed back uncharged: one attempt each
