@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import json
 import os
@@ -414,7 +415,11 @@ def agreement(root: Path, requests: list[GenerationRequest], *, device, dtype, p
     drive(engine, rows, seconds=600, tokens_of=ours)
     del engine
     free_memory()
-    peft, _ = peft_model(root, device=device, dtype=dtype)
+    peft, tokenizer = peft_model(root, device=device, dtype=dtype)
+    # ignore_eos as the engine does it: eos is an ordinary token (min_new_tokens would forbid it instead).
+    config = copy.deepcopy(peft.get_base_model().generation_config)
+    config.update(eos_token_id=None, max_new_tokens=plan.agree_tokens, min_new_tokens=None, do_sample=False,
+                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     start = time.perf_counter()
     same, diverged, compared = 0, [], 0
     for r in rows:
@@ -422,13 +427,12 @@ def agreement(root: Path, requests: list[GenerationRequest], *, device, dtype, p
             break
         ids = torch.tensor([r.prompt_ids], device=device)
         with torch.inference_mode():
-            kwargs = dict(max_new_tokens=plan.agree_tokens, min_new_tokens=plan.agree_tokens, do_sample=False)
             if r.adapter == BASE_ADAPTER:
                 with peft.disable_adapter():
-                    out = peft.generate(input_ids=ids, **kwargs)
+                    out = peft.generate(input_ids=ids, generation_config=config)
             else:
                 peft.set_adapter(r.adapter)
-                out = peft.generate(input_ids=ids, **kwargs)
+                out = peft.generate(input_ids=ids, generation_config=config)
         theirs = out[0, ids.shape[1]:].tolist()
         compared += 1
         if theirs == ours[r.key]:
