@@ -16,8 +16,11 @@ reported, the rest still runs), each time-boxed so the whole run stays under its
 - greedy agreement with PEFT one prompt at a time, 64 prompts x 64 tokens, bf16 and fp32 (TF32 off), with the
   first divergence index of each mismatch
 
-Figures go to stdout (a markdown table) and to $OUT/gpu_check.json. `--tiny`: the demo shape on CPU and a small
-workload, to check this script itself (tests/test_gpu_check.py).
+Sections run in that order of importance: native, agreement, agreement_fp32, worker, transformers_path,
+peft_static_batch; one that would not fit in what is left of the budget is skipped (and named so), and
+`--only worker,peft_static_batch` reruns some in a later call. Figures go to stdout (a markdown table) and to
+$OUT/gpu_check.json (with --only: gpu_check.<sections>.json), rewritten after each section. `--tiny`: the demo
+shape on CPU and a small workload, to check this script itself (tests/test_gpu_check.py).
 
 This script knows nothing of how the device machine is reached; gpu_check.sh prepares the environment.
 """
@@ -93,6 +96,7 @@ class Check:
         self.report: dict[str, Any] = {}
         self.started = time.perf_counter()
         self.budget = budget
+        self.filename = "gpu_check.json"
 
     def left(self) -> float:
         return self.budget - (time.perf_counter() - self.started)
@@ -118,7 +122,7 @@ class Check:
             self.save()  # a run cut short by its time limit still leaves what it measured
 
     def save(self) -> Path:
-        out = Path(os.environ.get("OUT", tempfile.gettempdir())) / "gpu_check.json"
+        out = Path(os.environ.get("OUT", tempfile.gettempdir())) / self.filename
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(self.report, indent=1))
         return out
@@ -446,11 +450,73 @@ def agreement(root: Path, requests: list[GenerationRequest], *, device, dtype, p
 # -- the run -------------------------------------------------------------------------------------------------
 
 
+def native_section(root: Path, mixed: list[GenerationRequest], text_rows: list[GenerationRequest], report: dict, *,
+                   device: torch.device, dtype: torch.dtype, plan: Plan, sizes: tuple[Any, Any]) -> None:
+    """The native engine: tok/s mixed, base-only and one adapter merged; the text lines alone; decode probes."""
+    engine = engine_on(root, device=device, dtype=dtype, forward="native", plan=plan,
+                       max_batch_size=sizes[0], max_batch_tokens=sizes[1])
+    report["native_batch"] = {"max_batch_size": engine.max_batch_size, "max_batch_tokens": engine.max_batch_tokens,
+                              "cuda_graphs": getattr(getattr(engine, "runner", None), "graphs_on", None)}
+    # Warm-up: every adapter loaded, prefill shapes of the whole length range, each weights mode once.
+    warm = [replace(r, params=SamplingParams(max_new_tokens=8, ignore_eos=True)) for r in mixed[:64]]
+    drive(engine, warm, seconds=60)
+    drive(engine, all_of(warm[:16], "sft"), seconds=60, weights="merged")
+    report["native_mixed"] = drive(engine, mixed, seconds=plan.run_seconds)
+    report["native_base_only"] = drive(engine, all_of(mixed, BASE_ADAPTER), seconds=plan.run_seconds)
+    report["native_one_adapter_merged"] = drive(engine, all_of(mixed, "sft"), seconds=plan.run_seconds,
+                                                 weights="merged")
+    base = report["native_base_only"]["tok_s"]
+    report["mixed_over_base"] = round(report["native_mixed"]["tok_s"] / base, 3)
+    report["merged_over_base"] = round(report["native_one_adapter_merged"]["tok_s"] / base, 3)
+    report["engine_alone_text_lines"] = drive(engine, text_rows, seconds=plan.run_seconds)
+    probe = [replace(r, prompt_ids=(r.prompt_ids * (plan.probe_prompt // len(r.prompt_ids) + 1))[: plan.probe_prompt],
+                     params=SamplingParams(max_new_tokens=1000 if device.type == "cuda" else 64, ignore_eos=True))
+             for r in mixed[: plan.probe_rows]]
+    report["decode_probe_1_adapter"] = probe_decode(engine, all_of(probe, "sft"), steps=plan.probe_steps)
+    report["decode_probe_5_adapters"] = probe_decode(engine, probe, steps=plan.probe_steps)
+
+
+def worker_section(root: Path, text_rows: list[GenerationRequest], report: dict, *, device: torch.device,
+                   dtype: torch.dtype, plan: Plan, sizes: tuple[Any, Any], seconds: float) -> None:
+    """The text lines through a real worker, against the engine alone on them (measured here when the native
+    section did not run in this process)."""
+    if "engine_alone_text_lines" not in report:
+        engine = engine_on(root, device=device, dtype=dtype, forward="native", plan=plan,
+                           max_batch_size=sizes[0], max_batch_tokens=sizes[1])
+        drive(engine, [replace(r, params=replace(r.params, max_new_tokens=8)) for r in text_rows[:64]], seconds=60)
+        report["engine_alone_text_lines"] = drive(engine, text_rows, seconds=plan.run_seconds)
+        del engine
+        free_memory()
+    with tempfile.TemporaryDirectory(prefix="gpu-check-worker-") as tmp:
+        report["worker_text_lines"] = through_worker(root, text_rows, plan=plan, tmp=Path(tmp), sizes=sizes,
+                                                     seconds=seconds)
+    report["worker_over_engine"] = round(report["worker_text_lines"]["tok_s"] / report["engine_alone_text_lines"]["tok_s"], 3)
+
+
+def fp32_agreement(root: Path, mixed: list[GenerationRequest], *, device: torch.device, plan: Plan,
+                   seconds: float) -> dict:
+    """The agreement in fp32 with TF32 off (matmuls in full fp32 on the GPU)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return agreement(root, mixed, device=device, dtype=torch.float32, plan=plan, seconds=seconds)
+
+
+def transformers_path(root: Path, mixed: list[GenerationRequest], *, device: torch.device, dtype: torch.dtype,
+                      plan: Plan) -> dict:
+    """The engine on transformers' forward (the path before the native one), batches of 64."""
+    engine = engine_on(root, device=device, dtype=dtype, forward="transformers", plan=plan,
+                       max_batch_size=64, max_batch_tokens=1 << 22)
+    drive(engine, [replace(r, params=replace(r.params, max_new_tokens=8)) for r in mixed[:8]], seconds=60)
+    return drive(engine, mixed, seconds=plan.transformers_seconds)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="the demo shape on CPU, a small workload: checks the script")
     ap.add_argument("--budget", type=float, default=float(os.environ.get("GPU_CHECK_BUDGET", 330)),
                     help="seconds the whole run may take; sections that would not fit are skipped")
+    ap.add_argument("--only", help="comma-separated sections to run (to rerun what a run skipped): native, agreement, "
+                                   "agreement_fp32, worker, transformers_path, peft_static_batch")
     args = ap.parse_args(argv)
     tiny = args.tiny
     plan = TINY if tiny else FULL
@@ -479,64 +545,34 @@ def main(argv: list[str] | None = None) -> int:
     report["worker_rows"] = f"{len(text_rows)} of the {plan.n} sequences as text lines, eos honoured, both ways"
 
     sizes = ("auto", "auto") if device.type == "cuda" else (32, 1 << 20)  # the engine alone and the worker alike
-    with check.section("native", needs=60 if not tiny else 0) as go:
-        if go:
-            engine = engine_on(root, device=device, dtype=dtype, forward="native", plan=plan,
-                               max_batch_size=sizes[0], max_batch_tokens=sizes[1])
-            report["native_batch"] = {"max_batch_size": engine.max_batch_size, "max_batch_tokens": engine.max_batch_tokens,
-                                      "cuda_graphs": getattr(getattr(engine, "runner", None), "graphs_on", None)}
-            # Warm-up: every adapter loaded, prefill shapes of the whole length range, each weights mode once.
-            warm = [replace(r, params=SamplingParams(max_new_tokens=8, ignore_eos=True)) for r in mixed[:64]]
-            drive(engine, warm, seconds=60)
-            drive(engine, all_of(warm[:16], "sft"), seconds=60, weights="merged")
-            report["native_mixed"] = drive(engine, mixed, seconds=plan.run_seconds)
-            report["native_base_only"] = drive(engine, all_of(mixed, BASE_ADAPTER), seconds=plan.run_seconds)
-            report["native_one_adapter_merged"] = drive(engine, all_of(mixed, "sft"), seconds=plan.run_seconds,
-                                                         weights="merged")
-            base = report["native_base_only"]["tok_s"]
-            report["mixed_over_base"] = round(report["native_mixed"]["tok_s"] / base, 3)
-            report["merged_over_base"] = round(report["native_one_adapter_merged"]["tok_s"] / base, 3)
-            report["engine_alone_text_lines"] = drive(engine, text_rows, seconds=plan.run_seconds)
-            probe = [replace(r, prompt_ids=(r.prompt_ids * (plan.probe_prompt // len(r.prompt_ids) + 1))[: plan.probe_prompt],
-                             params=SamplingParams(max_new_tokens=1000 if not tiny else 64, ignore_eos=True))
-                     for r in mixed[: plan.probe_rows]]
-            report["decode_probe_1_adapter"] = probe_decode(engine, all_of(probe, "sft"), steps=plan.probe_steps)
-            report["decode_probe_5_adapters"] = probe_decode(engine, probe, steps=plan.probe_steps)
-            del engine
-
-    with check.section("worker", needs=60 if not tiny else 0) as go:
-        if go:
-            with tempfile.TemporaryDirectory(prefix="gpu-check-worker-") as tmp:
-                report["worker_text_lines"] = through_worker(root, text_rows, plan=plan, tmp=Path(tmp), sizes=sizes,
-                                                             seconds=max(30.0, min(plan.run_seconds * 2, check.left() - 30)))
-            alone = report.get("engine_alone_text_lines", {}).get("tok_s")
-            if alone:
-                report["worker_over_engine"] = round(report["worker_text_lines"]["tok_s"] / alone, 3)
-
-    with check.section("agreement_bf16" if device.type == "cuda" else "agreement", needs=40 if not tiny else 0) as go:
-        if go:
-            report["agreement_" + str(dtype).split(".")[-1]] = agreement(
-                root, mixed, device=device, dtype=dtype, plan=plan, seconds=max(20.0, min(45.0, check.left() - 100)))
-
-    if device.type == "cuda":
-        with check.section("agreement_fp32", needs=40) as go:
+    sections = {
+        "native": (60, lambda: native_section(root, mixed, text_rows, report, device=device, dtype=dtype, plan=plan,
+                                              sizes=sizes)),
+        "agreement": (40, lambda: report.update({"agreement_" + str(dtype).split(".")[-1]: agreement(
+            root, mixed, device=device, dtype=dtype, plan=plan, seconds=max(20.0, min(45.0, check.left() - 100)))})),
+        "agreement_fp32": (40, lambda: report.update(agreement_float32_tf32_off=fp32_agreement(
+            root, mixed, device=device, plan=plan, seconds=max(20.0, min(45.0, check.left() - 60))))),
+        "worker": (60, lambda: worker_section(root, text_rows, report, device=device, dtype=dtype, plan=plan,
+                                              sizes=sizes, seconds=max(30.0, min(plan.run_seconds * 2, check.left() - 30)))),
+        "transformers_path": (25, lambda: report.update(transformers_mixed=transformers_path(
+            root, mixed, device=device, dtype=dtype, plan=plan))),
+        "peft_static_batch": (30, lambda: report.update(peft_static_batch_64=peft_static_batch(
+            root, mixed, device=device, dtype=dtype, plan=plan))),
+    }
+    if device.type != "cuda":
+        del sections["agreement_fp32"]  # on CPU the agreement above is already fp32
+    only = [name.strip() for name in args.only.split(",")] if args.only else list(sections)
+    if args.only:  # a rerun of some sections keeps the full run's file
+        check.filename = f"gpu_check.{'+'.join(only)}.json"
+    unknown = [name for name in only if name not in sections]
+    if unknown:
+        print(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(sections)}", file=sys.stderr)
+        return 2
+    for name in only:
+        needs, run = sections[name]
+        with check.section(name, needs=0 if tiny else needs) as go:
             if go:
-                torch.backends.cuda.matmul.allow_tf32 = False
-                torch.backends.cudnn.allow_tf32 = False
-                report["agreement_float32_tf32_off"] = agreement(root, mixed, device=device, dtype=torch.float32,
-                                                                 plan=plan, seconds=max(20.0, min(45.0, check.left() - 40)))
-
-    with check.section("transformers_path", needs=25 if not tiny else 0) as go:
-        if go:
-            engine = engine_on(root, device=device, dtype=dtype, forward="transformers", plan=plan,
-                               max_batch_size=64, max_batch_tokens=1 << 22)
-            drive(engine, mixed[:8], seconds=60)
-            report["transformers_mixed"] = drive(engine, mixed, seconds=plan.transformers_seconds)
-            del engine
-
-    with check.section("peft_static_batch", needs=30 if not tiny else 0) as go:
-        if go:
-            report["peft_static_batch_64"] = peft_static_batch(root, mixed, device=device, dtype=dtype, plan=plan)
+                run()
 
     report["total_s"] = round(time.perf_counter() - check.started, 1)
     summarize(report, tiny=tiny)
