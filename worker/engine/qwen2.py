@@ -74,9 +74,15 @@ class NativeModel:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.group = self.heads // self.kv_heads
         self.scaling = self.head_dim**-0.5
+        parameter = next(model.parameters())
+        # Attention scores in fp32 whatever the weights' dtype: bf16 scores (8 mantissa bits) flip greedy tokens
+        # that SDPA's fp32 accumulators keep. On CUDA bmm writes fp32 from bf16 inputs directly (out_dtype).
+        self.fp32_scores = parameter.dtype != torch.float32
+        self.bmm_out_dtype = self.fp32_scores and parameter.is_cuda and _bmm_out_dtype_works(parameter.device)
 
     # -- entry points ------------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def prefill(
         self, input_ids: torch.Tensor, last: torch.Tensor, slots: torch.Tensor, kv: Any, lora: Lora | None = None
     ) -> torch.Tensor:
@@ -97,6 +103,7 @@ class NativeModel:
         hidden = hidden[torch.arange(b, device=hidden.device), last]  # [b, hidden]: the last real token of each row
         return self.lm_head(self.norm(hidden))
 
+    @torch.inference_mode()
     def decode(
         self, tokens: torch.Tensor, positions: torch.Tensor, kv: Any, width: int, lora: Lora | None = None
     ) -> torch.Tensor:
@@ -114,7 +121,7 @@ class NativeModel:
             keys[rows, :, positions] = k[:, :, 0]  # [B, kv_heads, D] into each row's column
             values[rows, :, positions] = v[:, :, 0]
             q = q.reshape(batch, self.kv_heads, self.group, self.head_dim)  # head h uses kv head h // group
-            scores = torch.matmul(q, keys[:batch, :, :width].transpose(-1, -2)) * self.scaling  # [B, kvh, g, W]
+            scores = self._scores(q, keys[:batch, :, :width]) * self.scaling  # [B, kvh, g, W], fp32
             scores = scores.masked_fill(hide, float("-inf"))
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
             out = torch.matmul(probs, values[:batch, :, :width])  # [B, kvh, g, D]
@@ -122,6 +129,16 @@ class NativeModel:
 
         hidden = self._layers(hidden, cos, sin, attend, lora)
         return self.lm_head(self.norm(hidden[:, 0]))
+
+    def _scores(self, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """q [B, kvh, g, D] against keys [B, kvh, W, D] (a view of the slots) -> [B, kvh, g, W] in fp32."""
+        if not self.fp32_scores:
+            return torch.matmul(q, keys.transpose(-1, -2))
+        b, h, g, d = q.shape
+        if self.bmm_out_dtype:
+            flat = keys.reshape(b * h, keys.shape[2], d)  # batch dims collapse: a view, no copy
+            return torch.bmm(q.reshape(b * h, g, d), flat.transpose(1, 2), out_dtype=torch.float32).view(b, h, g, -1)
+        return torch.matmul(q.float(), keys.float().transpose(-1, -2))
 
     # -- the layers --------------------------------------------------------------------------------------
 
@@ -149,6 +166,15 @@ class NativeModel:
     def _linear(module: Any, x: torch.Tensor, layer: int, name: str, lora: Lora | None) -> torch.Tensor:
         y = F.linear(x, module.weight, module.bias)
         return y if lora is None else lora.apply(layer, name, x, y)
+
+
+def _bmm_out_dtype_works(device: torch.device) -> bool:
+    """torch.bmm(..., out_dtype=float32) from bf16/fp16 inputs: on CUDA since torch 2.8; else cast instead."""
+    try:
+        a = torch.ones((1, 1, 2), dtype=torch.bfloat16, device=device)
+        return torch.bmm(a, a.transpose(1, 2), out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
 
 
 def _rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
