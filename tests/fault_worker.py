@@ -27,10 +27,10 @@ POISON = "POISON"
 _admit = stepper_module.Stepper.admit
 
 
-def _admit_or_die(self, requests):
+def _admit_or_die(self, requests, **kw):
     if any(POISON in (r.prompt or "") for r in requests):
         os.kill(os.getpid(), signal.SIGKILL)
-    return _admit(self, requests)
+    return _admit(self, requests, **kw)
 
 
 stepper_module.Stepper.admit = _admit_or_die

@@ -1,6 +1,8 @@
 """The chaos soak's short version (bench/soak.py runs the long one): real worker processes killed at
-random, Redis restarted empty, database connections cut (PostgreSQL), submits and cancels all along;
-every request ends exactly once and the invariants hold throughout."""
+random, Redis restarted empty, flushed or its queue keys deleted, requests the engine raises on,
+adapter edits with worker restarts, database connections cut (PostgreSQL), submits and cancels all
+along, after an upgrade from a round-1 database with work queued; every request ends exactly once
+and the invariants hold throughout."""
 
 from __future__ import annotations
 
@@ -46,4 +48,9 @@ def test_short_chaos_soak(tmp_path, database_url):
     assert report["lost"] == 0 and report["doubled"] == 0 and report["succeeded_without_output"] == 0
     assert report["counter_violations"] == []
     assert report["longest_without_message_s"] <= BOUND_SECONDS
-    assert report["events"].get("kill worker", 0) + report["events"].get("redis restarted empty", 0) >= 2
+    assert report["round1_job"] == "completed", "the job queued before the upgrade ran"
+    assert report["raised_failed_with_error"] == report["raised_on"], report
+    assert not any("engine raised" in e for e in report["other_failures"].values()), report["other_failures"]
+    faults = ("kill worker", "redis restarted empty", "redis flushed", "queue keys deleted", "engine raises",
+              "adapters edited", "database connections cut")
+    assert sum(report["events"].get(f, 0) for f in faults) >= 3

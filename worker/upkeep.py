@@ -24,7 +24,8 @@ log = logging.getLogger("lorabatch.worker")
 
 
 class Upkeep:
-    """Two daemon threads: heartbeat every `heartbeat_seconds`, reconcile every `reconcile_seconds`."""
+    """Daemon threads: heartbeat (SQL) and held report (Redis) every `heartbeat_seconds`, reconcile every
+    `reconcile_seconds`."""
 
     def __init__(self, sessions: sessionmaker[Session], app: Celery, settings: WorkerSettings, *, worker_id: str,
                  deployment: str, load: Callable[[], dict],
@@ -41,7 +42,9 @@ class Upkeep:
     def start(self) -> None:
         self.heartbeat()
         self.reconcile()
-        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._reconcile_loop, "reconcile")):
+        self.report_held()
+        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._reconcile_loop, "reconcile"),
+                             (self._held_loop, "held")):
             threading.Thread(target=target, name=f"lorabatch-{name}", daemon=True).start()
 
     def stop(self) -> None:
@@ -49,12 +52,6 @@ class Upkeep:
 
     def heartbeat(self) -> None:
         load = self.load()
-        if self.held is not None:
-            try:  # before the database: a worker cut off from SQL still vouches for its messages
-                inflight.report_held(self.app, self.worker_id, self.held(),
-                                     heartbeat_seconds=self.settings.heartbeat_seconds)
-            except Exception as e:  # noqa: BLE001 - Redis down: its messages may be sent again (harmless)
-                log.warning("could not report held messages to Redis (%s)", type(e).__name__)
         with_db_retry(self.sessions, lambda s: lifecycle.heartbeat(
             s, worker_id=self.worker_id, hostname=self.host or socket.gethostname(), pid=os.getpid(),
             deployment=self.deployment, **load), what="heartbeat", give_up=self._stopping.is_set)
@@ -94,6 +91,20 @@ class Upkeep:
             log.info("%d parked adapter(s) of jobs this worker can run: their requests are published again", n)
             publish_owed(self.sessions, self.app, ids=owed)
         return n
+
+    def report_held(self) -> None:
+        """Tell Redis what this worker holds (store.inflight). Its own thread, apart from the SQL
+        heartbeat: a worker waiting out the database still vouches for its messages."""
+        if self.held is None:
+            return
+        try:
+            inflight.report_held(self.app, self.worker_id, self.held(), heartbeat_seconds=self.settings.heartbeat_seconds)
+        except Exception as e:  # noqa: BLE001 - Redis down: its messages may be sent again (harmless)
+            log.warning("could not report held messages to Redis (%s)", type(e).__name__)
+
+    def _held_loop(self) -> None:
+        while not self._stopping.wait(self.settings.heartbeat_seconds):
+            self.report_held()
 
     def _heartbeat_loop(self) -> None:
         while not self._stopping.wait(self.settings.heartbeat_seconds):
