@@ -54,6 +54,8 @@ from lorabatch.worker.engine.adapters import AdapterManager
 from lorabatch.worker.engine.engine import Engine, GenerationRequest, SamplingParams, take_counts
 
 NAMES = [BASE_ADAPTER, *DEMO_ADAPTERS]
+CONTEXT = 2048
+"""The demo model's max_position_embeddings (prompt + max_new_tokens must fit)."""
 QWEN_1_5B = dict(hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2, intermediate_size=8960,
                  vocab_size=151_936)
 
@@ -157,10 +159,18 @@ def all_of(requests: list[GenerationRequest], adapter: str) -> list[GenerationRe
     return [replace(r, adapter=adapter) for r in requests]
 
 
-def as_text(requests: list[GenerationRequest], tokenizer) -> list[GenerationRequest]:
-    """The same rows with text prompts (what input lines carry) and eos honoured (lines have no ignore_eos)."""
-    return [replace(r, prompt=tokenizer.decode(r.prompt_ids, skip_special_tokens=True), prompt_ids=None,
-                    params=replace(r.params, ignore_eos=False)) for r in requests]
+def as_text(requests: list[GenerationRequest], tokenizer, *, context: int = CONTEXT) -> list[GenerationRequest]:
+    """The same rows with text prompts (what input lines carry) and eos honoured (lines have no ignore_eos).
+
+    Decoded random ids do not always encode back to as many tokens; max_new_tokens is lowered where the text's
+    own length would take the row past the model's context."""
+    rows = []
+    for r in requests:
+        text = tokenizer.decode(r.prompt_ids, skip_special_tokens=True)
+        room = context - len(tokenizer(text)["input_ids"])
+        rows.append(replace(r, prompt=text, prompt_ids=None,
+                            params=replace(r.params, ignore_eos=False, max_new_tokens=max(1, min(r.params.max_new_tokens, room)))))
+    return rows
 
 
 def text_vocab(tokenizer, vocab: int) -> int:
@@ -542,7 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(root / DEMO_MODEL_DIR)
     mixed = nano_workload(plan, vocab=text_vocab(tokenizer, shape.get("vocab_size", 4096)))
     text_rows = as_text(mixed[: plan.worker_rows], tokenizer)
-    report["worker_rows"] = f"{len(text_rows)} of the {plan.n} sequences as text lines, eos honoured, both ways"
+    report["worker_rows"] = (f"{len(text_rows)} of the {plan.n} sequences as text lines (prompts "
+                             f"{sum(len(tokenizer(r.prompt)['input_ids']) for r in text_rows) // len(text_rows)} tokens on "
+                             "average), eos honoured, both ways")
 
     sizes = ("auto", "auto") if device.type == "cuda" else (32, 1 << 20)  # the engine alone and the worker alike
     sections = {
