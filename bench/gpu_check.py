@@ -470,20 +470,33 @@ def native_section(root: Path, mixed: list[GenerationRequest], text_rows: list[G
     # Warm-up: every adapter loaded, prefill shapes of the whole length range, each weights mode once.
     warm = [replace(r, params=SamplingParams(max_new_tokens=8, ignore_eos=True)) for r in mixed[:64]]
     drive(engine, warm, seconds=60)
-    drive(engine, all_of(warm[:16], "sft"), seconds=60, weights="merged")
-    report["native_mixed"] = drive(engine, mixed, seconds=plan.run_seconds)
-    report["native_base_only"] = drive(engine, all_of(mixed, BASE_ADAPTER), seconds=plan.run_seconds)
-    report["native_one_adapter_merged"] = drive(engine, all_of(mixed, "sft"), seconds=plan.run_seconds,
-                                                 weights="merged")
-    base = report["native_base_only"]["tok_s"]
-    report["mixed_over_base"] = round(report["native_mixed"]["tok_s"] / base, 3)
-    report["merged_over_base"] = round(report["native_one_adapter_merged"]["tok_s"] / base, 3)
-    report["engine_alone_text_lines"] = drive(engine, text_rows, seconds=plan.run_seconds)
+    attempt(report, "warm_up_merged", lambda: drive(engine, all_of(warm[:16], "sft"), seconds=60, weights="merged"))
+    attempt(report, "native_mixed", lambda: drive(engine, mixed, seconds=plan.run_seconds))
+    attempt(report, "native_base_only", lambda: drive(engine, all_of(mixed, BASE_ADAPTER), seconds=plan.run_seconds))
+    attempt(report, "native_one_adapter_merged", lambda: drive(engine, all_of(mixed, "sft"), seconds=plan.run_seconds,
+                                                               weights="merged"))
+    base = report.get("native_base_only", {}).get("tok_s")
+    if base:
+        for key, ratio in (("native_mixed", "mixed_over_base"), ("native_one_adapter_merged", "merged_over_base")):
+            if key in report:
+                report[ratio] = round(report[key]["tok_s"] / base, 3)
+    attempt(report, "engine_alone_text_lines", lambda: drive(engine, text_rows, seconds=plan.run_seconds))
     probe = [replace(r, prompt_ids=(r.prompt_ids * (plan.probe_prompt // len(r.prompt_ids) + 1))[: plan.probe_prompt],
                      params=SamplingParams(max_new_tokens=1000 if device.type == "cuda" else 64, ignore_eos=True))
              for r in mixed[: plan.probe_rows]]
-    report["decode_probe_1_adapter"] = probe_decode(engine, all_of(probe, "sft"), steps=plan.probe_steps)
-    report["decode_probe_5_adapters"] = probe_decode(engine, probe, steps=plan.probe_steps)
+    attempt(report, "decode_probe_1_adapter", lambda: probe_decode(engine, all_of(probe, "sft"), steps=plan.probe_steps))
+    attempt(report, "decode_probe_5_adapters", lambda: probe_decode(engine, probe, steps=plan.probe_steps))
+
+
+def attempt(report: dict, key: str, measure) -> None:
+    """report[key] = measure(), or report[key + "_error"]: one failed measurement leaves the section's others."""
+    try:
+        value = measure()
+        if not key.startswith("warm_up"):
+            report[key] = value
+    except Exception as e:  # noqa: BLE001 - reported, and the next measurement runs
+        traceback.print_exc()
+        report[f"{key}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
 
 
 def worker_section(root: Path, text_rows: list[GenerationRequest], report: dict, *, device: torch.device,
