@@ -264,7 +264,8 @@ def test_submit_does_not_hold_the_write_lock_while_it_reads(config_path, tmp_pat
 
 
 def test_a_result_the_database_refuses_fails_that_request_never_strands_it(config_path, tmp_path, ctx, database_url):
-    """PostgreSQL refuses a value (here a provenance field too long for its column): the recorder records
+    """PostgreSQL refuses a value (here a provenance field too long for its column; the base model's, as an
+    adapter sha256 other than the job's pin is refused before it reaches the database): the recorder records
     that request as failed with the reason, and its neighbour as it was; nothing stays running."""
     if not database_url.startswith("postgresql"):
         pytest.skip("SQLite stores any length: only PostgreSQL refuses this value")
@@ -275,7 +276,7 @@ def test_a_result_the_database_refuses_fails_that_request_never_strands_it(confi
         lifecycle.claim_requests(s, refs={job_id: [0, 1]}, worker_id="w1", deployment=ctx.deployment.id,
                                  max_attempts=3)
     recorder = Recorder(ctx.sessions, ctx.celery, worker_id="w1")
-    recorder.put([lifecycle.Outcome(job_id, 0, "fine", "stop", 2, 2, adapter_sha256="x" * 100),
+    recorder.put([lifecycle.Outcome(job_id, 0, "fine", "stop", 2, 2, base_model="x" * 400),
                   lifecycle.Outcome(job_id, 1, "fine too", "stop", 2, 2)])
     recorder.close(timeout=60)
     with ctx.sessions() as s:
