@@ -30,18 +30,16 @@ def retry(click_ctx, job) -> None:
 @click.pass_context
 def retarget(click_ctx, job, adapter) -> None:
     """Run JOB's unfinished requests on the adapters' current weights (after a retrained adapter)."""
-    from lorabatch.cli.common import context_of
-    from lorabatch.producer.retarget import retarget as retarget_job
-
-    job_id, moved = retarget_job(context_of(click_ctx), job, adapter=adapter)
+    handle = client_of(click_ctx).job(job)
+    moved = handle.retarget(adapter)
     if not moved:
-        click.echo(f"job {job_id}: {'adapter ' + repr(adapter) if adapter else 'every adapter it names'} already "
+        click.echo(f"job {handle.id}: {'adapter ' + repr(adapter) if adapter else 'every adapter it names'} already "
                    "runs on the current weights (or none is known); nothing to move", err=True)
         return
     for m in moved:
-        click.echo(f"job {job_id}: adapter {m.adapter!r} moved from weights {(m.was or 'unpinned')[:12]} to "
-                   f"{m.now[:12]} ({plural(m.requests, 'unfinished request')}); follow with: "
-                   f"lorabatch status {job_id} --watch", err=True)
+        click.echo(f"job {handle.id}: adapter {m['adapter']!r} moved from weights {(m['from'] or 'unpinned')[:12]} to "
+                   f"{m['to'][:12]} ({plural(m['requests'], 'unfinished request')}); follow with: "
+                   f"lorabatch status {handle.id} --watch", err=True)
 
 
 @click.command()

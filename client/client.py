@@ -128,6 +128,15 @@ class Job:
 
         return retry_failed(self.client.context, self.id)[1]
 
+    def retarget(self, adapter: str | None = None) -> list[dict]:
+        """Move this job's unfinished requests onto the current weights of `adapter` (None: of every adapter
+        whose weights changed since the job was pinned to them); returns what moved (adapter, from, to,
+        requests), as recorded on the job."""
+        from lorabatch.producer.retarget import retarget
+
+        moved = retarget(self.client.context, self.id, adapter=adapter)[1]
+        return [{"adapter": m.adapter, "from": m.was, "to": m.now, "requests": m.requests} for m in moved]
+
 
 class Client:
     """Submit, follow and export jobs. `config`: a lorabatch.toml path; None resolves as the CLI
