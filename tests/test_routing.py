@@ -278,3 +278,25 @@ def test_death_between_commit_and_publish_of_unpark_or_retarget_is_repaired(conf
     assert messages_for(redis_flushed, job_id) == before
     report = reconcile(ctx.sessions, ctx.celery, lease_seconds=30, max_attempts=3, grace_seconds=0.001)
     assert report.published == 2 and messages_for(redis_flushed, job_id) == before + 2
+
+
+def test_retry_after_an_unrelated_adapter_edit_runs_where_it_ran(config_path, tmp_path, ctx, redis_flushed):
+    """A completed job's failed requests, retried after another adapter was added to [adapters], go to the
+    same queue with the same pins: a worker of the new configuration claims them."""
+    job_id = submit(config_path, tmp_path / "in.jsonl", lines(2))
+    pins = job_row(ctx, job_id).adapter_pins
+    assert claim(ctx, job_id, [0, 1], pins) == [0, 1]
+    with transaction(ctx.sessions) as s:
+        lifecycle.record_outcomes(s, worker_id="w1", outcomes=[
+            lifecycle.Outcome(job_id, 0, None, None, 1, 0, error="boom", adapter_sha256=pins["sft"]),
+            lifecycle.Outcome(job_id, 1, "ok", "stop", 1, 1, adapter_sha256=pins["dpo"])])
+    tune_config(config_path, "adapters", extra=str(ctx.settings.adapter_dir("dpo")))
+    edited = Context(load_settings(config_path, environ={}))
+    r = run_cli(config_path, "retry", job_id)
+    assert r.returncode == 0, r.stderr
+    assert edited.deployment.id == job_row(ctx, job_id).deployment
+    with transaction(edited.sessions) as s:
+        got = lifecycle.claim_requests(s, refs={job_id: [0]}, worker_id="w2", deployment=edited.deployment.id,
+                                       max_attempts=3, serves=edited.deployment.adapters, claim_id="c")
+        assert [r.idx for r in got.requests] == [0]
+    edited.close()
