@@ -297,3 +297,18 @@ def test_runner_resolves_auto_sizes_into_the_settings(demo_root):
     resolved = engine.resolved(settings)
     assert (resolved.worker.max_batch_size, resolved.worker.max_batch_tokens) == (32, 16384)
     assert settings.worker.max_batch_size == "auto"
+
+
+def test_cpu_slots_are_sized_by_host_memory_and_auto_falls_back(demo_root, monkeypatch):
+    """On CPU the slots never take over a quarter of the available memory; auto then takes transformers' path."""
+    from lorabatch.worker.engine import kv_slots
+
+    shape = kv_slots.Shape(28, 2, 128, torch.float32, torch.device("cpu"))  # Qwen2.5-1.5B's KV, fp32
+    plan = kv_slots.plan_slots(shape, max_context=32768, max_batch_size="auto", max_batch_tokens="auto",
+                               free_bytes=8 << 30)
+    assert plan.slot_len == 16384 and plan.slots * plan.slot_len * shape.bytes_per_token <= 2 << 30
+    monkeypatch.setattr(kv_slots, "available_host_bytes", lambda: 64 << 20)  # 16 MiB for slots: the demo needs 256
+    model, tokenizer = load(demo_root)
+    manager = AdapterManager({}, base_model=str(demo_root / DEMO_MODEL_DIR))
+    engine = Engine(model, tokenizer, manager, forward="auto", max_batch_size="auto", max_batch_tokens="auto")
+    assert engine.forward == "transformers"

@@ -15,7 +15,7 @@ Forward paths (``forward``): ``transformers`` runs transformers' eager forward w
 cache of fixed slots allocated once (kv_slots.py), every resident adapter stacked for one batched op per
 projection (lora_stack.py) and the decode step under CUDA graphs on a GPU (graphs.py, slot_stepper.py).
 ``auto`` takes native where the model and every configured adapter can run there (and, on CPU, where it is
-at least as fast: NATIVE_ON_CPU).
+at least as fast: native_setup.NATIVE_ON_CPU; native_setup.py builds the path).
 
 This module knows nothing about Celery, SQL, job ids or where settings come from; it is not thread-safe,
 and it does not care which thread calls it.
@@ -23,13 +23,11 @@ and it does not care which thread calls it.
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
-from lorabatch.schemas.errors import AdapterError, LorabatchError
-from lorabatch.worker.engine import decode
+from lorabatch.worker.engine import decode, native_setup
 from lorabatch.worker.engine.model import context_length, eos_token_ids, load_base
 from lorabatch.worker.engine.params import (
     GenerationRequest,
@@ -45,12 +43,6 @@ if TYPE_CHECKING:
     from lorabatch.worker.engine.adapters import AdapterManager
 
 __all__ = ["Engine", "GenerationRequest", "GenerationResult", "SamplingParams"]
-
-log = logging.getLogger(__name__)
-
-NATIVE_ON_CPU = True
-"""forward = "auto" on CPU: the native path (measured faster than transformers' on the ragged workload; the
-README's engine section has the figures)."""
 
 
 class RequestRefused(Exception):
@@ -96,86 +88,16 @@ class Engine:
         self.eos = eos_token_ids(model, tokenizer)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.forward = self._pick_forward(forward)
+        self.forward = native_setup.pick_forward(self, forward, max_batch_size, max_batch_tokens)
         self.native = self.kv = self.runner = None
         if self.forward == "native":
-            self._build_native(max_batch_size, max_batch_tokens, cuda_graphs=cuda_graphs,
-                               gpu_memory_fraction=gpu_memory_fraction)
+            native_setup.build_native(self, max_batch_size, max_batch_tokens, cuda_graphs=cuda_graphs,
+                                      gpu_memory_fraction=gpu_memory_fraction)
         else:
             self.max_batch_size = 32 if max_batch_size == "auto" else int(max_batch_size)
             self.max_batch_tokens = 16384 if max_batch_tokens == "auto" else int(max_batch_tokens)
             adapters.bind(model)
 
-    def _pick_forward(self, forward: str) -> str:
-        """native or transformers; "auto": native where the model and every configured adapter run there."""
-        if forward not in ("auto", "native", "transformers"):
-            raise ValueError(f"forward must be auto, native or transformers, not {forward!r}")
-        if forward != "auto":
-            return forward
-        if self.device.type == "cpu" and not NATIVE_ON_CPU:
-            return "transformers"
-        from lorabatch.worker.engine.lora_stack import check_native
-        from lorabatch.worker.engine.qwen2 import check_supported
-
-        try:
-            check_supported(self.model)
-            for name in self.adapters.configured():
-                check_native(self.adapters.spec(name))
-        except (LorabatchError, AdapterError) as e:
-            log.warning("forward = auto: the transformers path, because %s", e)
-            return "transformers"
-        return "native"
-
-    def _build_native(self, max_batch_size: Any, max_batch_tokens: Any, *, cuda_graphs: bool,
-                      gpu_memory_fraction: float) -> None:
-        """The native forward, its adapter backend and its KV slots (sized from what is free after a warm-up)."""
-        from lorabatch.worker.engine.graphs import DecodeRunner
-        from lorabatch.worker.engine.kv_slots import KVSlots, Shape, plan_slots
-        from lorabatch.worker.engine.lora_stack import NativeBackend
-        from lorabatch.worker.engine.qwen2 import NativeModel
-
-        self.native = NativeModel(self.model)
-        if getattr(self.adapters.backend, "kind", None) != "native":
-            if self.adapters.resident:
-                raise ValueError("the adapter manager already holds PEFT adapters; give the native engine a fresh one")
-            self.adapters.backend = NativeBackend()
-        self.adapters.bind(self.model)
-        shape = Shape.of(self.model)
-        free = None
-        if self.device.type == "cuda":
-            free = self._free_after_warm_up(shape, gpu_memory_fraction)
-        plan = plan_slots(shape, max_context=self.max_context, max_batch_size=max_batch_size,
-                          max_batch_tokens=max_batch_tokens, gpu_memory_fraction=gpu_memory_fraction, free_bytes=free)
-        self.kv = KVSlots(shape, slots=plan.slots, slot_len=plan.slot_len)
-        self.max_batch_size, self.max_batch_tokens = plan.slots, plan.max_batch_tokens
-        self.max_context = min(self.max_context or plan.slot_len, plan.slot_len)
-        self.runner = DecodeRunner(self.native, self.kv, self.adapters.backend, cuda_graphs=cuda_graphs)
-        log.info("native forward: %d KV slots of %d tokens (%.2f GiB), max_batch_tokens %d, cuda graphs %s",
-                 plan.slots, plan.slot_len, self.kv.nbytes / 2**30, plan.max_batch_tokens, self.runner.graphs_on)
-
-    def _free_after_warm_up(self, shape: Any, fraction: float) -> int:
-        """Bytes the KV cache may take: the card's ``fraction``, less what is allocated and a prefill's peak."""
-        import torch
-
-        from lorabatch.worker.engine.kv_slots import KVSlots
-
-        from lorabatch.worker.engine.slot_stepper import PREFILL_TOKENS
-
-        width = min(self.max_context or PREFILL_TOKENS, PREFILL_TOKENS)
-        rows = max(1, PREFILL_TOKENS // width)  # the largest prefill forward the slot stepper runs
-        scratch = KVSlots(shape, slots=rows, slot_len=width)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        before = torch.cuda.memory_allocated(self.device)
-        with torch.inference_mode():
-            ids = torch.zeros((rows, width), dtype=torch.long, device=self.device)
-            last = torch.full((rows,), width - 1, dtype=torch.long, device=self.device)
-            self.native.prefill(ids, last, torch.arange(rows, device=self.device), scratch)
-        peak = torch.cuda.max_memory_allocated(self.device) - before
-        del scratch
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(self.device)
-        # Held by others (other processes, the caching allocator's reserve) counts as used.
-        return max(0, int(total * fraction) - (total - free) - 2 * peak)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Engine:

@@ -7,8 +7,8 @@ kv_heads before slot_len so that ``keys[:B, :, :W]`` is a view whose batch dims 
 attention matmul), and slot i is batch row i in a decode step (no gather of the cache either).
 
 Sizing (``plan_slots``): on CUDA from the free memory left after the weights (and a warm-up forward), times
-``gpu_memory_fraction``; on CPU from max_batch_size x min(context, max_batch_tokens) (host memory is not
-measured: the token budget bounds it).
+``gpu_memory_fraction``; on CPU max_batch_size slots of min(context, max_batch_tokens) tokens, fewer when they
+would take over CPU_MEMORY_SHARE of the host's available memory.
 
 This module knows nothing about models beyond their shape, adapters, requests or which rows are alive.
 """
@@ -27,6 +27,9 @@ AUTO_MAX_SLOTS = 256
 """max_batch_size "auto" on CUDA: at most this many rows, however much memory is free."""
 CPU_AUTO_BATCH = 32
 CPU_AUTO_TOKENS = 16384
+CPU_MEMORY_SHARE = 0.25
+"""On CPU the slots may take at most this share of the host's available memory (fewer slots otherwise;
+forward = "auto" then prefers the transformers path, whose cache grows with the rows it holds)."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,35 @@ def plan_slots(
         return SlotPlan(slots, slot_len, tokens)
     slots = CPU_AUTO_BATCH if max_batch_size == "auto" else int(max_batch_size)
     tokens = CPU_AUTO_TOKENS if max_batch_tokens == "auto" else int(max_batch_tokens)
-    return SlotPlan(slots, max(1, min(max_context, tokens)), tokens)
+    slot_len = max(1, min(max_context, tokens))
+    available = available_host_bytes() if free_bytes is None else free_bytes
+    if available is not None:
+        fit = max(1, int(available * CPU_MEMORY_SHARE) // (slot_len * shape.bytes_per_token))
+        if fit < slots:
+            log.warning("KV cache: %d slots of %d tokens fit in %.0f%% of the host's available memory, not %d; "
+                        "lower [model] max_context to hold more rows", fit, slot_len, 100 * CPU_MEMORY_SHARE, slots)
+            slots = fit
+    return SlotPlan(slots, slot_len, tokens)
+
+
+def fits_on_host(shape: Shape, *, max_context: int, max_batch_size: int | str, max_batch_tokens: int | str) -> bool:
+    """Would max_batch_size full slots fit in CPU_MEMORY_SHARE of the available host memory (CPU)?"""
+    plan = plan_slots(shape, max_context=max_context, max_batch_size=max_batch_size,
+                      max_batch_tokens=max_batch_tokens, free_bytes=1 << 62)
+    available = available_host_bytes()
+    return available is None or plan.slots * plan.slot_len * shape.bytes_per_token <= available * CPU_MEMORY_SHARE
+
+
+def available_host_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 class KVSlots:
