@@ -344,9 +344,9 @@ def unpark_adapters(session: Session, *, deployment: str, serves: Mapping[str, s
     those of adapters it serves with the pinned weights (messages owed in the outbox, published after
     the commit). Every worker's reconcile round calls it, so a parked request waits only until a
     worker that can run it is live. Returns how many adapters were unparked."""
-    candidates = session.execute(select(Job.id).where(Job.state.in_(OPEN), Job.deployment == deployment,
-                                                      Job.parked.is_not(None))).scalars().all()
-    if not candidates:
+    candidates = [job_id for job_id, parked in session.execute(select(Job.id, Job.parked).where(
+        Job.state.in_(OPEN), Job.deployment == deployment, Job.parked.is_not(None))) if parked]
+    if not candidates:  # no job row locked unless one has something parked (claims lock them too)
         return 0
     n = 0
     for job in _lock_jobs(session, candidates, missing_ok=True).values():
