@@ -174,9 +174,15 @@ class TokenBudget:
         self.tokens += sum(costs)
         if max_batch_tokens is None:
             return [True] * len(costs)
-        left, fits = max_batch_tokens - used, []
-        for cost in costs:
-            ok = cost <= left or (idle and not any(fits))
-            fits.append(ok)
-            left -= cost if ok else 0
-        return fits
+        return first_fit(costs, left=max_batch_tokens - used, first_always=idle)
+
+
+def first_fit(costs: Sequence[int], *, left: int, first_always: bool) -> list[bool]:
+    """Which rows (in order) fit ``left`` tokens, first fit: a row that does not fit leaves its budget to the
+    smaller rows after it. ``first_always``: the first row fits whatever its cost (a row alone must run)."""
+    fits: list[bool] = []
+    for cost in costs:
+        ok = cost <= left or (first_always and not fits)
+        fits.append(ok)
+        left -= cost if ok else 0
+    return fits

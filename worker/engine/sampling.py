@@ -47,11 +47,6 @@ class RowSampler:
     def greedy(self) -> bool:
         return self.generator is None
 
-    @property
-    def plain(self) -> bool:
-        """Neither top-k nor top-p: the CDF is walked in vocabulary order, no sort."""
-        return self.top_k == 0 and self.top_p >= 1
-
     def uniform(self) -> float:
         return float(torch.rand((), generator=self.generator))
 
@@ -80,17 +75,21 @@ def sample_filtered(
     """
     rows = list(range(logits.shape[0])) if rows is None else list(rows)
     vocab = logits.shape[-1]
-    plain = [j for j in range(len(rows)) if top_k[j] == 0 and top_p[j] >= 1]
-    filtered = [j for j in range(len(rows)) if not (top_k[j] == 0 and top_p[j] >= 1)]
+    # Plain rows (neither top-k nor top-p) walk the CDF in vocabulary order, no sort; they go first.
+    plain, filtered = [], []
+    for j in range(len(rows)):
+        (plain if top_k[j] == 0 and top_p[j] >= 1 else filtered).append(j)
     order = plain + filtered
-    width = max((min(top_k[j], vocab) if top_k[j] > 0 else vocab for j in filtered), default=0)
+    k_host = [min(top_k[j], vocab) if top_k[j] > 0 else vocab for j in order]  # top-k off: the whole vocabulary
+    n = len(plain)
+    width = max(k_host[n:], default=0)
     # One host tensor, one copy: float64 holds float32 settings and row indices exactly.
     host = torch.tensor([
         [rows[j] for j in order],
         [temperature[j] for j in order],
         [top_p[j] for j in order],
         [uniforms[j] for j in order],
-        [min(top_k[j], vocab) if top_k[j] > 0 else vocab for j in order],
+        k_host,
     ], dtype=torch.float64)  # [5, R]
     table = _to_device(host, logits.device)
     index = table[0].long()
@@ -98,12 +97,11 @@ def sample_filtered(
     ks = table[4].long()
     probs = (logits.index_select(0, index).float() / temperatures[:, None]).softmax(dim=-1)  # [R, V]
     parts = []
-    n = len(plain)
     if plain:
         parts.append(inverse_cdf(probs[:n], u[:n]))
     if filtered:
         parts.append(sample_top(probs[n:], ks[n:], top_ps[n:], u[n:], width=width))
-    return torch.stack([torch.cat(parts) if len(parts) > 1 else parts[0], index])
+    return torch.stack([torch.cat(parts), index])
 
 
 def tokens_of(sampled: torch.Tensor, rows: Sequence[int]) -> list[int]:

@@ -32,7 +32,7 @@ import torch
 from lorabatch.schemas.errors import AdapterError, RequestTooLarge
 from lorabatch.schemas.settings import BASE_ADAPTER
 from lorabatch.worker.engine import decode
-from lorabatch.worker.engine.batching import Admission, TokenBudget, plan_admission
+from lorabatch.worker.engine.batching import Admission, TokenBudget, first_fit, plan_admission
 from lorabatch.worker.engine.model import free_device_memory, is_out_of_memory
 from lorabatch.worker.engine.params import GenerationRequest, GenerationResult
 from lorabatch.worker.engine.sampling import RowSampler, sample_next
@@ -216,16 +216,11 @@ class Stepper:
 
     def _fitting(self, slots: list[Slot]) -> tuple[list[Slot], list[Slot]]:
         """The pending rows that fit max_batch_tokens beside the running ones (at least one), and the rest."""
-        budget = self.engine.max_batch_tokens - sum(_cost(s) for s in self._in_cache())
-        take, keep = [], []
-        for slot in slots:
-            cost = _cost(slot)
-            if cost <= budget or (not take and not any(s.live for s in self.batch)):
-                take.append(slot)
-                budget -= cost
-            else:
-                keep.append(slot)
-        return take, keep
+        if not slots:  # every step comes here: nothing to sum over the batch when nothing waits
+            return [], []
+        left = self.engine.max_batch_tokens - sum(_cost(s) for s in self._in_cache())
+        fits = first_fit([_cost(s) for s in slots], left=left, first_always=not any(s.live for s in self.batch))
+        return [s for s, ok in zip(slots, fits) if ok], [s for s, ok in zip(slots, fits) if not ok]
 
     def _load_adapters(self, slots: list[Slot]) -> list[GenerationResult]:
         needed = sorted({s.adapter for s in slots} - {BASE_ADAPTER})
