@@ -197,8 +197,7 @@ class Client:
         if not error.problems:
             return InvalidInput(str(error).replace(str(path), "the requests"))
         items = [(n - 1, reason) for n, reason in error.problems]
-        return InvalidInput(problem_message("the requests", error.problems, settings=self.settings, unit="item",
-                                            first=0), items)
+        return InvalidInput(problem_message("the requests", items, settings=self.settings, unit="item"), items)
 
     def _submit_file(self, source: str, *, adapter, name, priority, idempotency_key) -> Job:
         from lorabatch.producer.submit import submit_file

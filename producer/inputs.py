@@ -65,13 +65,13 @@ def no_requests_message(source: Path | str) -> str:
 
 
 def problem_message(path: Path | str, problems: list[tuple[int, str]], *, settings: Settings,
-                    unit: str = "line", first: int = 1) -> str:
+                    unit: str = "line") -> str:
     """One message for a file's bad lines. With no lorabatch.toml found, lines naming adapters are all
-    'unknown': say that once instead of listing every line. `unit` and `first` name the problems
-    otherwise ("item", 0: the Python client's list of requests, which has no file and no line numbers)."""
+    'unknown': say that once instead of listing every line. `unit` names the problems otherwise
+    ("item": the Python client's list of requests, numbered by list index, which has no file or lines)."""
     if settings.config_path is None and any("unknown adapter" in reason for _, reason in problems):
         return no_config_message()
-    shown = "\n".join(f"  {unit} {n - 1 + first}: {reason}" for n, reason in problems[:MAX_PROBLEMS_SHOWN])
+    shown = "\n".join(f"  {unit} {n}: {reason}" for n, reason in problems[:MAX_PROBLEMS_SHOWN])
     more = f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
     return (f"{path}: {plural(len(problems), 'invalid ' + unit)}; nothing was submitted. Fix them and submit again:"
             f"\n{shown}{more}")

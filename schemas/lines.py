@@ -1,6 +1,6 @@
 """Input and output lines: the contract between users' files and lorabatch.
 
-Input is one JSON object per line, native or OpenAI batch format (DESIGN.md). `parse_line`
+Input is one JSON object per line, native or OpenAI batch format. `parse_line`
 turns one line into a `RequestSpec` or raises `LineError` with a reason a user can act on.
 Validation is hand-written rather than a schema library: it runs a million times per large
 file, and each rule gets its own message.
@@ -120,7 +120,7 @@ def _refuse_unserved(body: dict) -> None:
     """Refuse every body field lorabatch would otherwise ignore: a silently dropped `n`, `logprobs` or
     `response_format` returns something other than what was asked for. All of a line's such fields
     are named at once, so one round of fixes is enough."""
-    fields, fixes, other = [], [], False
+    fields, settable = [], []  # settable: (key, the values lorabatch serves it at)
     for key in sorted(body):
         value = body[key]
         if key in OPENAI_SERVED or value is None:
@@ -130,20 +130,21 @@ def _refuse_unserved(body: dict) -> None:
             continue
         if neutral is not None:
             fields.append(f"body.{key}={json.dumps(value)}")
-            fixes.append(f"{key} to {' or '.join(json.dumps(v) for v in neutral)}")
+            settable.append((key, " or ".join(json.dumps(v) for v in neutral)))
         else:
             fields.append(f"body.{key}")
-            other = True
     if not fields:
         return
-    it = "it" if len(fields) == 1 else "them"
-    if len(fields) == 1 and fixes:
-        fix = f"remove it or set it to {fixes[0].split(' to ', 1)[1]}"
-    else:
-        fix = f"remove {it}" + (f" (or set {', '.join(fixes)})" if fixes else "")
     served = ", ".join(sorted(OPENAI_SERVED))
-    served = "" if not other else f"; served: {served}" if "(" in fix else f" (served: {served})"
-    raise LineError(f"has {_and(fields)}, which lorabatch does not serve; {fix}{served}")
+    if not settable:
+        fix = f"remove {'it' if len(fields) == 1 else 'them'} (served: {served})"
+    elif len(fields) == 1:
+        fix = f"remove it or set it to {settable[0][1]}"
+    else:
+        fix = f"remove them (or set {', '.join(f'{key} to {values}' for key, values in settable)})"
+        if len(settable) < len(fields):
+            fix += f"; served: {served}"
+    raise LineError(f"has {_and(fields)}, which lorabatch does not serve; {fix}")
 
 
 def _and(items: list[str]) -> str:
