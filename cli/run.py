@@ -77,7 +77,6 @@ def run(click_ctx, input_path, output, fmt, errors_path, adapter, weights) -> No
         if missing:
             raise UsageError(f"lorabatch run needs {', '.join(missing)}, which this install lacks; "
                              "install the worker extra: pip install 'lorabatch[worker]'")
-        n = len(specs)
         with (Path(tmp) / "results.jsonl").open("w+b") as results:
             offsets = generate_to(settings, specs, results)
             failed = Counter()

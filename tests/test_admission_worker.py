@@ -29,11 +29,7 @@ def test_worker_claims_only_what_fits_max_batch_tokens(config_path: Path, tmp_pa
     # ones: each row generates for seconds, so rows claimed in excess would be seen `running` long before they end.
     lines = [{"custom_id": f"r{i}", "adapter": adapters[i % 4], "max_new_tokens": NEW,
               "prompt": " ".join(f"w{chr(97 + i)}x{j}" for j in range(20))} for i in range(12)]
-    path = tmp_path / "in.jsonl"
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    r = run_cli(config_path, "submit", str(path), "--json")
-    assert r.returncode == 0, r.stderr
-    job_id = json.loads(r.stdout)["id"]
+    job_id = submit(config_path, tmp_path, lines)
 
     seen: list[tuple[datetime, list[int]]] = []  # (when, the rows `running` then)
     done = threading.Event()
@@ -74,14 +70,19 @@ def test_rows_claimed_beyond_the_budget_go_back_uncharged_and_run_later(config_p
     # About 100 prompt tokens each; outputs of 450 or 40 tokens: rows cost about 550 or 140 tokens.
     lines = [{"custom_id": f"r{i}", "adapter": adapters[i % 4], "max_new_tokens": 450 if i % 2 else 40,
               "prompt": " ".join(f"w{chr(97 + i)}x{j}" for j in range(20))} for i in range(14)]
-    path = tmp_path / "in.jsonl"
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    r = run_cli(config_path, "submit", str(path), "--json")
-    assert r.returncode == 0, r.stderr
-    job_id = json.loads(r.stdout)["id"]
+    job_id = submit(config_path, tmp_path, lines)
     w = start_worker()
     summary = wait_for_job(ctx, job_id, workers=[w], timeout=300)
     with ctx.sessions() as s:
         ended = list(s.scalars(select(Request).where(Request.job_id == job_id)))
     assert summary["counts"]["succeeded"] == len(lines), [(r.idx, r.state, r.error) for r in ended][:3]
     assert [r.attempts for r in ended] == [1] * len(lines)  # handed back uncharged: one attempt each
+
+
+def submit(config_path: Path, tmp_path: Path, lines: list[dict]) -> str:
+    """Submit these native lines with `lorabatch submit`; the job's id."""
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    r = run_cli(config_path, "submit", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["id"]
