@@ -75,11 +75,9 @@ def test_run_streams_a_file_larger_than_its_window_in_input_order(config_path, t
     """With batches of 2 (a window of 8), 30 requests ending out of order come out in input order, every line
     with its provenance (base model, adapter weights' sha256, run@host) as a worker records it; no library
     warning reaches the user (PEFT's wrapping of the model raised a transformers FutureWarning)."""
-    from lorabatch.schemas.settings import WorkerSettings, load_settings
+    from lorabatch.schemas.settings import load_settings
     from lorabatch.store.deployment import deployment_of
 
-    if "forward" not in WorkerSettings.model_fields:
-        pytest.skip("this version has one forward path")
     tune_config(config_path, "worker", max_batch_size=2, forward=forward)
     lines = lines_over_everything(30)
     infile = tmp_path / "in.jsonl"
