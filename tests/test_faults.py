@@ -192,7 +192,8 @@ def test_a_worker_started_mid_job_takes_a_fair_share(config_path, tmp_path, ctx,
     tune_worker(config_path, max_batch_size=8)
     n = 300
     a = start_worker()
-    job_id = submit_lines(config_path, tmp_path / "in.jsonl", work(n, max_new_tokens=12))
+    # Rows of 48 tokens: the job must outlast the second worker's start (about 8 s on 2 cores) by far.
+    job_id = submit_lines(config_path, tmp_path / "in.jsonl", work(n, max_new_tokens=48))
     wait_until(lambda: succeeded(ctx, job_id) >= 8, what="the first worker's progress", workers=[a])
     with ctx.sessions() as s:
         held = s.execute(select(Request).where(Request.job_id == job_id, Request.state == "running")).scalars().all()
