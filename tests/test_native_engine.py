@@ -312,3 +312,16 @@ def test_cpu_slots_are_sized_by_host_memory_and_auto_falls_back(demo_root, monke
     manager = AdapterManager({}, base_model=str(demo_root / DEMO_MODEL_DIR))
     engine = Engine(model, tokenizer, manager, forward="auto", max_batch_size="auto", max_batch_tokens="auto")
     assert engine.forward == "transformers"
+
+
+def test_rows_admitted_beyond_the_slots_wait_for_free_ones(small, reference):
+    """More rows admitted at once than the cache has slots (a group of suspects) wait and join as rows leave."""
+    small.weights = "separate"
+    stepper = small.stepper()
+    requests = requests_over_everything(max_new=(3, 7))[:10]
+    assert stepper.admit(requests, group=True) == []
+    results = {}
+    while not stepper.idle:
+        assert stepper.occupancy() <= small.kv.slots
+        results.update((r.key, r) for r in stepper.step())
+    assert_equals_reference(small, reference, requests, results)

@@ -61,6 +61,13 @@ class SlotStepper(Stepper):
 
     # -- prefill and join ---------------------------------------------------------------------------------
 
+    def _fitting(self, slots: list[Slot]) -> tuple[list[Slot], list[Slot]]:
+        """Stepper's token-budget cut, then no more rows than free slots: the rest wait (suspects admitted as a
+        group may outnumber the slots) and join as rows leave."""
+        take, keep = super()._fitting(slots)
+        free = len(self._free_slots(self.kv.slots))
+        return take[:free], take[free:] + keep
+
     def _free_slots(self, n: int) -> list[int]:
         holes = [i for i, s in enumerate(self.batch) if not s.live]
         return (holes + list(range(len(self.batch), self.kv.slots)))[:n]
