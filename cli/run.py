@@ -25,10 +25,10 @@ import uuid
 import warnings
 from array import array
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import click
 
@@ -98,12 +98,14 @@ def generate_to(settings: Settings, specs: list[RequestSpec | None], results: IO
     from lorabatch.store.deployment import deployment_of
     from lorabatch.worker.engine.engine import Engine
     from lorabatch.worker.engine.params import GenerationRequest, SamplingParams
+    from lorabatch.worker.serving import ServedAdapters
 
     click.echo(f"loading {settings.base_model} ...", err=True)
     with quiet_library_deprecations():
         engine = Engine.from_settings(settings)
     deployment = deployment_of(settings)
-    provenance = Provenance(base_model=deployment.base, adapters=deployment.adapters, engine=engine,
+    provenance = Provenance(base_model=deployment.base,
+                            adapter_sha256=ServedAdapters(settings, deployment, engine).weights_of,
                             worker=f"run@{socket.gethostname()}")
     n = len(specs)
     offsets = array("q", [-1]) * n
@@ -187,18 +189,14 @@ class Window:
             self.next += 1
 
 
-class Provenance:
+class Provenance(NamedTuple):
     """What produced a result, as a worker records it: base model, adapter weights' sha256, who ran it."""
 
-    def __init__(self, *, base_model: str, adapters: dict[str, str | None], engine: Any, worker: str) -> None:
-        self.base_model, self.adapters, self.worker = base_model, adapters, worker
-        # The sha256 of the bytes the engine loaded, where it says; else of the files as they were at start.
-        self._loaded = getattr(engine.adapters, "identity", None)
-
-    def adapter_sha256(self, adapter: str) -> str | None:
-        if adapter == BASE_ADAPTER:
-            return None
-        return (self._loaded(adapter) if self._loaded is not None else None) or self.adapters.get(adapter)
+    base_model: str
+    adapter_sha256: Callable[[str], str | None]
+    """The worker's own rule (worker.serving.ServedAdapters.weights_of): the bytes the engine loaded, else the
+    files as they were at start; None for the base model."""
+    worker: str
 
 
 def read_in_order(results: IO[bytes], offsets: array, *, run_id: str, failed: Counter) -> Iterator[Request]:
