@@ -200,7 +200,8 @@ def _complete_job_for_key(ctx: Context, key: str) -> Job | None:
     its requests keep arriving: if it opens, it is the answer. If none arrive for INSERT_STALE_SECONDS,
     its submit is presumed dead: the job is deleted with its requests (only if still hidden) and this
     submit makes the job. Were that submit alive after all, only slower, its next insert fails (its
-    job is gone) and it reports the error; the job made here stands, under the same key."""
+    job is gone) and it reports the error; the job made here stands, under the same key. If this
+    process dies between the delete and making its own job, the key is simply free again."""
     seen, since = None, time.monotonic()
     while True:
         with ctx.sessions() as session:
