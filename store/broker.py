@@ -51,7 +51,7 @@ def broker_url(settings: Settings) -> str:
 
 
 def make_celery(settings: Settings, url: str | None = None) -> Celery:
-    """The Celery app, configured for crash safety (FACTS.md)."""
+    """The Celery app, configured for crash safety: late acks, requeue on a lost worker, a restore sweep every visibility timeout."""
     app = Celery("lorabatch", broker=url or broker_url(settings), set_as_current=False)
     app.conf.update(
         task_default_queue=QUEUE,
