@@ -8,7 +8,10 @@ With the instant engine (`[worker] engine = "instant"`): a step raises ValueErro
 prompt contains RAISE is in the batch (a Python exception one request causes, e.g. a bad value in its
 sampling); a row whose prompt contains ECHO: answers with the JSON string written after it (so
 that a test can have the engine "generate" NUL and other control characters, which no prompt may
-hold). Everything else is the real worker.
+hold). With LORABATCH_TEST_TASK_RAISES=<idx>, the Celery task raises, once, on the first message that
+names request <idx> of a job, before the worker holds it: Celery acknowledges it (acks_late acks
+on an exception), so its references are gone from Redis while their requests stay queued.
+Everything else is the real worker.
 """
 
 from __future__ import annotations
@@ -70,6 +73,20 @@ def _instant_admit_remembering(self, requests, **kw):
 
 instant_module.InstantStepper.step = _instant_step_or_raise
 instant_module.InstantStepper.admit = _instant_admit_remembering
+
+if (_raise_on := os.environ.get("LORABATCH_TEST_TASK_RAISES")) is not None:
+    import lorabatch.worker.service as service_module
+
+    _hold, _raised = service_module.WorkerService.hold, []
+
+    def _hold_or_raise(self, job_id, adapter, idxs, *args, **kw):
+        if not _raised and int(_raise_on) in idxs:
+            _raised.append(1)
+            print(f"injected: the task raises on the message of requests {list(idxs)}", flush=True)
+            raise RuntimeError(f"injected: the task raises before holding requests {list(idxs)}")
+        return _hold(self, job_id, adapter, idxs, *args, **kw)
+
+    service_module.WorkerService.hold = _hold_or_raise
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,6 +1,8 @@
 """Transitions around ordinary events (issue 19), against a real Redis and a real database, no worker
 process: a submit killed mid-insert then retried with its idempotency key, a cancel while a submit
-inserts, an orphan check racing a live claim, outputs with NUL and control characters."""
+inserts, an orphan check racing a live claim, outputs with NUL and control characters. Then messages
+lost while Redis stays up, with real workers and the instant engine: a message acknowledged on an
+exception, keys evicted by a full Redis without noeviction."""
 
 from __future__ import annotations
 
@@ -13,12 +15,17 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from sqlalchemy import func, select
 
 from lorabatch.schemas.tables import Job, Outbox, Request, Worker
 from lorabatch.store import lifecycle
 from lorabatch.store.db import transaction
-from tests.conftest import run_cli
+from lorabatch.store.lost_messages import bound_seconds
+from tests.conftest import run_cli, tune_config, wait_for_job
+from tests.test_faults import (FAST_RECOVERY, assert_exactly_once, fault_worker, rows, submit_lines, succeeded,
+                               tune_worker, wait_until, work)
+from tests.test_ordinary_events import INSTANT
 from tests.test_queue import lines, submit
 
 
@@ -130,3 +137,121 @@ def test_status_says_when_a_job_makes_no_progress(config_path, tmp_path, ctx, mo
     text = status.format_summary(summary)
     assert "no progress for 1s; 4 queued, none running" in text, text
     assert "ETA" not in text and summary["eta_seconds"] is None
+
+
+# ---------------------------------------------------------------- messages lost while Redis stays up
+
+
+def _queue_lists(client) -> list[bytes]:
+    return [k for k in client.scan_iter(match="lorabatch*") if client.type(k) == b"list"]
+
+
+@pytest.mark.slow
+def test_a_message_acknowledged_on_an_exception_is_replaced(config_path, tmp_path, ctx):
+    """The task raises mid-job before its worker holds a message, so Celery acknowledges it (acks_late
+    acks on an exception): its requests stay queued with no message anywhere; the worker's own sweep
+    publishes them again within the bound, well before a visibility timeout would, and the job ends
+    exactly once."""
+    options = {**FAST_RECOVERY, **INSTANT, "max_batch_size": 4}
+    tune_worker(config_path, **options)
+    n, lost = 200, 120
+    w = fault_worker(config_path, tmp_path / "w.log", env={"LORABATCH_TEST_TASK_RAISES": str(lost)})
+    w.wait_ready()  # before the submit: its first reconcile would refill Redis, a second message per request
+    job_id = submit_lines(config_path, tmp_path / "in.jsonl", work(n))
+    bound = bound_seconds(reconcile_seconds=options["reconcile_seconds"], heartbeat_seconds=options["heartbeat_seconds"])
+    try:
+        wait_until(lambda: "injected: the task raises on the message" in w.read_log(), what="the task raising",
+                   workers=[w])
+        raised_at = time.monotonic()
+        wait_until(lambda: rows(ctx, job_id)[lost].state == "succeeded", timeout=bound + 10,
+                   what="the acknowledged message's request run", workers=[w])
+        replaced = time.monotonic() - raised_at
+        wait_for_job(ctx, job_id, workers=[w], timeout=120)
+    finally:
+        w.stop()
+    assert_exactly_once(ctx, job_id, n)
+    log = w.read_log()
+    assert "had no message in flight" in log, "the sweep, not a redelivery, brought it back"
+    print(f"\ntask acknowledged on an exception: its request done {replaced:.1f}s later (bound {bound:.1f}s)")
+    assert replaced <= bound + 5
+
+
+@pytest.fixture()
+def evicting_redis(tmp_path):
+    """A Redis owned by the test that evicts at random when full (2 MB), no persistence, reporting
+    every eviction on its keyspace-event channel; killed after the test."""
+    import shutil
+
+    import redis
+
+    from lorabatch.store import broker
+    from tests.test_faults import _free_port
+
+    port = _free_port()
+    binary = shutil.which("redis-server") or broker._redis_server_binary()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(tmp_path), "--maxmemory", "2mb", "--maxmemory-policy", "allkeys-random",
+                             "--notify-keyspace-events", "Ee"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port, socket_timeout=5)
+
+    def answers() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+    try:
+        wait_until(answers, timeout=10, what="the evicting Redis to start")
+        yield f"redis://127.0.0.1:{port}/0", client
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_keys_evicted_by_a_full_redis_are_replaced(config_path, tmp_path, ctx, evicting_redis, start_worker):
+    """A real Redis without noeviction (allkeys-random, 2 MB) filled by another tenant mid-job until it
+    evicts one of lorabatch's queue lists (and whatever else it picks: bindings, the unacked index,
+    held reports): the workers publish the lost requests again within the bound; the job ends exactly once."""
+    url, client = evicting_redis
+    tune_config(config_path, "service", broker_url=url)
+    options = {**FAST_RECOVERY, **INSTANT, "max_batch_size": 4}
+    tune_worker(config_path, **options)
+    n = 200
+    w = start_worker()  # ready before the submit: its first reconcile would refill Redis, a second message each
+    job_id = submit_lines(config_path, tmp_path / "in.jsonl", work(n))
+    wait_until(lambda: succeeded(ctx, job_id) >= 40, what="progress before the evictions", workers=[w])
+    events = client.pubsub()
+    events.subscribe("__keyevent@0__:evicted")
+    evicted: set[bytes] = set()
+    lists = set(_queue_lists(client))
+    assert lists, "the job's messages were waiting in a queue list"
+    filled, deadline = 0, time.monotonic() + 30
+    # Another tenant writes until a queue list holding lorabatch's messages was evicted (random
+    # eviction: the lists are a few keys among a thousand, so it takes some megabytes).
+    while not evicted & lists:
+        assert time.monotonic() < deadline, f"no queue list evicted after {filled} filler keys: {sorted(evicted)[:20]}"
+        with client.pipeline(transaction=False) as pipe:
+            for i in range(filled, filled + 200):
+                pipe.set(f"tenant:{i}", b"x" * 1024)
+            pipe.execute()
+        filled += 200
+        while (event := events.get_message(timeout=0.01)) is not None:
+            if event["type"] == "message":
+                evicted.add(event["data"])
+    events.close()
+    lost_at, left, seen = time.monotonic(), n - succeeded(ctx, job_id), len(w.read_log())
+    ours = sorted(k.decode() for k in evicted if not k.startswith(b"tenant:"))
+    for keys in iter(lambda: [k for k in client.scan_iter(match="tenant:*", count=1000)], []):
+        client.delete(*keys)  # the tenant is done: memory is free again
+    bound = bound_seconds(reconcile_seconds=options["reconcile_seconds"], heartbeat_seconds=options["heartbeat_seconds"])
+    # The sweep, or the refill from SQL when the epoch key was among the evicted.
+    wait_until(lambda: any(s in w.read_log()[seen:] for s in ("had no message in flight", "refilled from the database")),
+               timeout=bound + 10, what="the lost requests published again", workers=[w])
+    republished = time.monotonic() - lost_at
+    wait_for_job(ctx, job_id, workers=[w], timeout=120)
+    took = time.monotonic() - lost_at
+    assert_exactly_once(ctx, job_id, n)
+    print(f"\n{filled} filler keys of 1 KiB; lorabatch's keys evicted with {left} requests left: {ours}; "
+          f"published again after {republished:.1f}s (bound {bound:.1f}s), job done {took:.1f}s after the loss")
+    assert republished <= bound + 5
