@@ -189,8 +189,14 @@ def wait_for_job(ctx: Context, job_id: str, *, timeout: float = 300, workers: li
         if s["state"] in ("completed", "cancelled"):
             return s
         time.sleep(0.3)
-    logs = "\n".join(w.read_log()[-3000:] for w in workers)
+    logs = "\n".join(_log_digest(w.read_log()) for w in workers)
     raise AssertionError(f"job {job_id} did not end in {timeout}s: {s}\n{logs}")
+
+
+def _log_digest(log: str) -> str:
+    """A worker log for a failure message: its warnings and errors (what led there), then its last lines."""
+    alerts = [line for line in log.splitlines() if " WARNING " in line or " ERROR " in line or " CRITICAL " in line]
+    return "\n".join(["-- warnings and errors:", *alerts[-60:], "-- last lines:", log[-3000:]])
 
 
 @pytest.fixture(scope="module")
