@@ -42,10 +42,6 @@ def report_held(app: Celery, worker_id: str, refs: Mapping[str, Iterable[int]], 
     broker.redis_client(app).set(HELD_PREFIX + worker_id, body, px=max(1, int(held_ttl(heartbeat_seconds) * 1000)))
 
 
-def forget_held(app: Celery, worker_id: str) -> None:
-    broker.redis_client(app).delete(HELD_PREFIX + worker_id)
-
-
 def in_flight(app: Celery, *, heartbeat_seconds: float) -> dict[str, set[int]]:
     """{job_id: idxs} of every reference in flight (see the module's docstring). Raises on Redis errors."""
     client = broker.redis_client(app)

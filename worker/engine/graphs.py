@@ -101,7 +101,3 @@ class DecodeRunner:
             self._pool = graph.pool()
         self.captures += 1
         return graph, self._logits
-
-    def forget(self) -> None:
-        """Drop captured graphs (their memory goes back to the pool's owner)."""
-        self._graphs.clear()
