@@ -65,7 +65,9 @@ class SlotStepper(Stepper):
         """Stepper's token-budget cut, then no more rows than free slots: the rest wait (suspects admitted as a
         group may outnumber the slots) and join as rows leave."""
         take, keep = super()._fitting(slots)
-        free = len(self._free_slots(self.kv.slots))
+        if not take:  # every step comes here: no slot count when nothing joins
+            return take, keep
+        free = sum(not s.live for s in self.batch) + self.kv.slots - len(self.batch)
         return take[:free], take[free:] + keep
 
     def _free_slots(self, n: int) -> list[int]:
