@@ -60,6 +60,8 @@ def test_no_password_written_in_compose(compose):
         env = compose["services"][name]["environment"]
         assert "${REDIS_PASSWORD:?" in env["LORABATCH_BROKER_URL"], f"{name} connects to Redis without its password"
         assert "${POSTGRES_PASSWORD:?" in env["LORABATCH_DATABASE_URL"]
+    flower = compose["services"]["flower"]["environment"]
+    assert flower["FLOWER_BASIC_AUTH"].startswith("lorabatch:${FLOWER_PASSWORD:?"), "Flower without a login"
 
 
 def test_secrets_live_in_a_gitignored_env_file():
@@ -127,10 +129,11 @@ def test_compose_refuses_to_start_without_passwords(tmp_path):
     assert r.returncode != 0 and "PASSWORD in .env" in r.stderr, r.stderr
     env_text = (REPO / ".env.example").read_text()
     env_text = env_text.replace("REDIS_PASSWORD=\n", "REDIS_PASSWORD=r3dis\n").replace(
-        "POSTGRES_PASSWORD=\n", "POSTGRES_PASSWORD=pgpw\n")
+        "POSTGRES_PASSWORD=\n", "POSTGRES_PASSWORD=pgpw\n").replace("FLOWER_PASSWORD=\n", "FLOWER_PASSWORD=fl0wer\n")
     (tmp_path / ".env").write_text(env_text)
     r = subprocess.run([*cmd, "config"], cwd=tmp_path, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr
     resolved = yaml.safe_load(r.stdout)["services"]
     assert resolved["worker"]["environment"]["LORABATCH_BROKER_URL"] == "redis://:r3dis@redis:6379/0"
     assert "pgpw@postgres" in resolved["beat"]["environment"]["LORABATCH_DATABASE_URL"]
+    assert resolved["flower"]["environment"]["FLOWER_BASIC_AUTH"] == "lorabatch:fl0wer"
