@@ -241,23 +241,6 @@ def test_auto_forward_falls_back_for_unfit_adapters_and_resolves_auto_sizes(demo
     assert fallback.generate([request])[0].error is None
 
 
-def test_cancel_and_abort_on_the_native_path(engine):
-    """A cancelled native row leaves with its text so far; its neighbour goes on; abort hands the rest back."""
-    engine.weights = "separate"
-    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
-    full = engine.generate([GenerationRequest("c", "sft", params, prompt=PROMPTS[1])])[0]
-    stepper = engine.stepper()
-    stepper.admit([GenerationRequest("c", "sft", params, prompt=PROMPTS[1]),
-                   GenerationRequest("o", "dpo", params, prompt=PROMPTS[0])])
-    for _ in range(5):
-        assert stepper.step() == []
-    (cancelled,) = stepper.cancel(["c"])
-    assert cancelled.finish_reason == "cancelled" and full.output.startswith(cancelled.output)
-    assert 1 < cancelled.completion_tokens < 40
-    stepper.step()
-    assert stepper.keys() == ["o"] and stepper.abort() == ["o"] and stepper.idle
-
-
 def test_out_of_memory_halves_prefills_and_preempts_decodes(engine, monkeypatch):
     """Native OOM: a prefill is halved until it fits, a decode step preempts the youngest half; outputs unchanged."""
     engine.weights = "separate"

@@ -121,9 +121,11 @@ def test_seeded_row_gives_the_same_tokens_whenever_it_joins(engine, weights, joi
     assert results["t"].output == alone
 
 
-def test_cancel_returns_the_text_so_far(engine):
-    """A cancelled row leaves at once with finish_reason 'cancelled' and the prefix generated so far."""
-    engine.weights = "separate"
+@pytest.mark.parametrize("forward", ["transformers", "native"])
+def test_cancel_returns_the_text_so_far(demo_root, forward):
+    """A cancelled row leaves at once with finish_reason 'cancelled' and the prefix generated so far; its
+    neighbour goes on a step; abort hands it back. On both forward paths."""
+    engine = make_engine(demo_root, max_batch_size=8, forward=forward, weights="separate")
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     full = engine.generate([GenerationRequest("c", "sft", params, prompt=PROMPTS[1])])[0]
     stepper = engine.stepper()
@@ -135,6 +137,7 @@ def test_cancel_returns_the_text_so_far(engine):
     assert cancelled.finish_reason == "cancelled" and cancelled.error is None
     assert 1 < cancelled.completion_tokens < 40 and full.output.startswith(cancelled.output)
     assert stepper.keys() == ["o"] and stepper.running == 1
+    assert stepper.step() == []
     assert stepper.abort() == ["o"] and stepper.idle
 
 
