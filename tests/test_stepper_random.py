@@ -97,9 +97,10 @@ def _drive_at_random(engine: Engine, rnd: random.Random) -> Counter:
             settle(stepper.cancel(rnd.sample(keys, rnd.randint(1, min(2, len(keys))))))
         elif op < 0.53:  # shutdown or engine trouble: every row handed back, queued again
             seen["aborted"] += stepper.running
-            for key in stepper.abort():
-                inside.discard(key)
-                waiting.append(asked[key])
+            keys = stepper.abort()
+            assert stepper.idle and set(keys) == inside, "abort must hand back exactly the rows inside"
+            inside.clear()
+            waiting += [asked[key] for key in keys]
         else:
             settle(stepper.step())
         if rnd.random() < 0.1:
