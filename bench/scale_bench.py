@@ -1,4 +1,5 @@
-"""Submitting a very large file: time, peak memory, Redis bytes per queued request, status latency.
+"""Submitting a very large file: time, peak memory, Redis bytes per queued request, status latency, and
+what one read of the lost-message sweep costs over the queued job.
 
     python bench/scale_bench.py [--lines 1000000]
 
@@ -47,7 +48,7 @@ def main() -> None:
 
     from lorabatch.producer.status import read_summary
     from lorabatch.schemas.settings import load_settings
-    from lorabatch.store import broker
+    from lorabatch.store import broker, lost_messages
     from lorabatch.store.context import Context
 
     with tempfile.TemporaryDirectory(prefix="lorabatch-scale-") as tmp:
@@ -101,15 +102,20 @@ def main() -> None:
             summary = read_summary(ctx.sessions, job_id)
         status_ms = (time.perf_counter() - t0) / rounds * 1000
         assert summary["counts"]["queued"] == args.lines
+        # One read of the lost-message sweep (every reconcile round, one worker at a time): every
+        # message in Redis and every queued row of the job, a page at a time. All have messages here.
+        t0 = time.perf_counter()
+        assert lost_messages.unmessaged(ctx.sessions, ctx.celery, heartbeat_seconds=5.0) == {}
+        sweep_s = time.perf_counter() - t0
         ctx.close()
         broker.stop_embedded_redis(settings.state_path)
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print("| lines | submit wall | lines/s | submit peak RSS | Redis bytes / queued request | status "
-          "| heartbeats during submit | longest heartbeat wait |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| heartbeats during submit | longest heartbeat wait | lost-message sweep, one read |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print(f"| {args.lines:,} | {wall:.1f} s | {args.lines / wall:,.0f} | {usage.ru_maxrss / 1024:.0f} MB "
-          f"| {per_request:.0f} | {status_ms:.2f} ms | {len(beats)} | {max(beats):.2f} s |")
+          f"| {per_request:.0f} | {status_ms:.2f} ms | {len(beats)} | {max(beats):.2f} s | {sweep_s:.2f} s |")
 
 
 if __name__ == "__main__":

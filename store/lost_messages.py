@@ -26,7 +26,7 @@ import time
 from collections import defaultdict
 
 from celery import Celery
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from lorabatch.schemas.states import RequestState
@@ -37,7 +37,10 @@ from lorabatch.store.reconcile import publish_owed
 
 SWEEP_KEY = "lorabatch:sweep"
 CONFIRM_SECONDS = 2.0
-PAGE = 4096
+WINDOW = 65536
+"""The sweep reads a job's queued requests this many idx at a time, each window in its own short
+transaction (SQLite: each holds the write lock), as runs of consecutive idx computed in the
+database: one row per run, not per request (a fresh 1M-request job is one row)."""
 
 
 def bound_seconds(*, reconcile_seconds: float, heartbeat_seconds: float) -> float:
@@ -70,7 +73,7 @@ def replace_lost_messages(sessions: sessionmaker[Session], app: Celery, *, worke
 def unmessaged(sessions: sessionmaker[Session], app: Celery, *, heartbeat_seconds: float) -> dict[str, set[int]]:
     """{job_id: idxs} of queued requests of open jobs that no message in flight names and nothing owes."""
     with sessions() as session:
-        jobs = session.execute(select(Job.id, Job.parked).where(
+        jobs = session.execute(select(Job.id, Job.parked, Job.total).where(
             Job.state.in_(outbox.OPEN), Job.total > 0, Job.n_queued > 0)).all()
     if not jobs:
         return {}
@@ -85,21 +88,29 @@ def unmessaged(sessions: sessionmaker[Session], app: Celery, *, heartbeat_second
             else:
                 owed[job_id].update(idxs)
     missing: dict[str, set[int]] = {}
-    for job_id, parked in jobs:
+    for job_id, parked, total in jobs:
         if job_id in owed and owed[job_id] is None:
             continue
         skip = covered.get(job_id, set()) | (owed.get(job_id) or set())
-        parked = set(parked or ())
-        after, found = -1, set()
-        while True:
-            with sessions() as session:  # a page per short transaction (SQLite: each holds the write lock)
-                page = session.execute(select(Request.idx, Request.adapter).where(
-                    Request.job_id == job_id, Request.state == RequestState.QUEUED.value, Request.idx > after)
-                    .order_by(Request.idx).limit(PAGE)).all()
-            found |= {idx for idx, adapter in page if idx not in skip and adapter not in parked}
-            if len(page) < PAGE:
-                break
-            after = page[-1][0]
+        found: set[int] = set()
+        for start in range(0, total, WINDOW):  # a job's idx are 0..total-1 (its lines, numbered at submit)
+            with sessions() as session:
+                for first, last in _queued_runs(session, job_id, parked, start, start + WINDOW):
+                    found.update(range(first, last + 1))
+        found -= skip
         if found:
             missing[job_id] = found
     return missing
+
+
+def _queued_runs(session: Session, job_id: str, parked: list | None, start: int, stop: int) -> list[tuple[int, int]]:
+    """(first, last) of each run of consecutive queued idx in [start, stop), adapters of `parked` left out:
+    consecutive idx minus their row number is constant along a run (gaps and islands)."""
+    where = [Request.job_id == job_id, Request.state == RequestState.QUEUED.value,
+             Request.idx >= start, Request.idx < stop]
+    if parked:
+        where.append(Request.adapter.not_in(parked))
+    rows = select(Request.idx, (Request.idx - func.row_number().over(order_by=Request.idx)).label("run")).where(*where)
+    runs = rows.subquery()
+    return [tuple(r) for r in session.connection().execute(
+        select(func.min(runs.c.idx), func.max(runs.c.idx)).group_by(runs.c.run))]
