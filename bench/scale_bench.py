@@ -1,10 +1,11 @@
 """Submitting a very large file: time, peak memory, Redis bytes per queued request, status latency, and
 what one read of the lost-message sweep costs over the queued job.
 
-    python bench/scale_bench.py [--lines 1000000]
+    python bench/scale_bench.py [--lines 1000000] [--database postgresql]
 
-Runs `lorabatch submit` as its own process on embedded defaults (embedded Redis, SQLite) in a
-fresh temporary state directory, so nothing else is touched. No worker runs; instead a thread of
+Runs `lorabatch submit` as its own process on embedded defaults (embedded Redis, SQLite; or a scratch
+PostgreSQL database, `lorabatch_scale` on 127.0.0.1) in a fresh temporary state directory, so nothing
+else is touched. No worker runs; instead a thread of
 this process writes a worker's heartbeat every 0.25 s, as a worker would, and the longest wait for
 one (SQLite's write lock held by the submit) is reported: a gap near the lease would get a live
 worker presumed dead.
@@ -22,6 +23,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 ADAPTERS = ["sft", "sft-ckpt39", "dpo-ckpt3", "dpo", "base"]
 
@@ -44,6 +47,8 @@ def redis_used_memory(url: str) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lines", type=int, default=1_000_000)
+    ap.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite",
+                    help="sqlite (embedded) or postgresql (a scratch database on 127.0.0.1, trust auth)")
     args = ap.parse_args()
 
     from lorabatch.producer.status import read_summary
@@ -54,8 +59,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lorabatch-scale-") as tmp:
         tmp = Path(tmp)
         cfg = tmp / "lorabatch.toml"
+        database = ""
+        if args.database == "postgresql":
+            from bench.soak import scratch_postgres
+
+            database = f'database_url = "{scratch_postgres("lorabatch_scale")}"\n'
         cfg.write_text("[adapters]\n" + "".join(f'{a} = "adapters/{a}"\n' for a in ADAPTERS[:4])
-                       + f'\n[service]\nstate_dir = "{tmp / "state"}"\n')
+                       + f'\n[service]\nstate_dir = "{tmp / "state"}"\n' + database)
         infile = tmp / "in.jsonl"
         t0 = time.perf_counter()
         write_input(infile, args.lines)
