@@ -18,15 +18,18 @@ from tests.conftest import run_cli, tune_config, wait_for_job
 pytestmark = pytest.mark.slow
 
 RECORDING_LAG = timedelta(seconds=1)
-NEW = 250
+NEW = 600
+BUDGET = 1400
 
 
 def test_worker_claims_only_what_fits_max_batch_tokens(config_path: Path, tmp_path: Path, ctx, start_worker):
-    """max_batch_tokens 700 and rows of about 350 tokens: never more than two rows `running`; the job completes."""
-    tune_config(config_path, "worker", max_batch_size=32, max_batch_tokens=700)
+    """max_batch_tokens 1400 and rows of about 700 tokens: never more than two rows `running`; the job completes."""
+    tune_config(config_path, "worker", max_batch_size=32, max_batch_tokens=BUDGET)
     adapters = ["sft", "dpo", "base", "sft-ckpt39"]
-    # About 100 prompt tokens (the demo tokenizer spends about five tokens on each of these words) + 250 new
-    # ones: each row generates for seconds, so rows claimed in excess would be seen `running` long before they end.
+    # About 100 prompt tokens (the demo tokenizer spends about five tokens on each of these words) + 600 new
+    # ones: each row generates for seconds (about 2.5 s here; with 250 new tokens, 1.05 s, too close to
+    # RECORDING_LAG: a CI run once saw no snapshot early enough), so rows claimed in excess would be seen
+    # `running` long before they end.
     lines = [{"custom_id": f"r{i}", "adapter": adapters[i % 4], "max_new_tokens": NEW,
               "prompt": " ".join(f"w{chr(97 + i)}x{j}" for j in range(20))} for i in range(12)]
     job_id = submit(config_path, tmp_path, lines)
@@ -53,7 +56,7 @@ def test_worker_claims_only_what_fits_max_batch_tokens(config_path: Path, tmp_pa
         ended = {r.idx: r for r in s.scalars(select(Request).where(Request.job_id == job_id))}
     assert summary["counts"]["succeeded"] == len(lines), [(r.idx, r.state, r.error) for r in ended.values()][:3]
     costs = sorted(r.prompt_tokens + NEW for r in ended.values())
-    assert costs[0] + costs[1] + costs[2] > 700 >= costs[-1] + costs[-2], f"two rows must fit, never three: {costs}"
+    assert costs[0] + costs[1] + costs[2] > BUDGET >= costs[-1] + costs[-2], f"two rows must fit, never three: {costs}"
     assert max(len(running) for _, running in seen) <= 3
     # Results are written by the worker's recorder thread, a moment after the row ended: a row whose result
     # lands within RECORDING_LAG of the moment it was seen `running` had ended by then (or was about to).
