@@ -38,13 +38,7 @@ def drive(stepper: Stepper, waiting: list[GenerationRequest], *, every: int = 1,
     steps = 0
     while waiting or not stepper.idle:
         if steps % every == 0:
-            counts = stepper.admission(Counter(r.adapter for r in waiting))
-            chosen = []
-            for request in list(waiting):
-                if counts.get(request.adapter, 0) > 0:
-                    counts[request.adapter] -= 1
-                    chosen.append(request)
-                    waiting.remove(request)
+            chosen, waiting[:] = take_counts(waiting, stepper.admission(Counter(r.adapter for r in waiting)))
             if log is not None:
                 log.append((stepper.occupancy(), len(chosen), stepper.merged))
             for result in stepper.admit(chosen):

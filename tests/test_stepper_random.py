@@ -15,7 +15,7 @@ import pytest
 
 from lorabatch.demo.build import DEMO_ADAPTERS, DEMO_MODEL_DIR
 from lorabatch.worker.engine.adapters import AdapterManager
-from lorabatch.worker.engine.engine import Engine, GenerationRequest, SamplingParams
+from lorabatch.worker.engine.engine import Engine, GenerationRequest, SamplingParams, take_counts
 from tests.test_engine import NAMES, PROMPTS, load
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -71,13 +71,7 @@ def _drive_at_random(engine: Engine, rnd: random.Random) -> Counter:
 
     def admit_planned() -> None:
         """An ordinary admission: what admission() plans, oldest first."""
-        plan = stepper.admission(Counter(r.adapter for r in waiting))
-        chosen = []
-        for r in list(waiting):
-            if plan.get(r.adapter, 0) > 0:
-                plan[r.adapter] -= 1
-                chosen.append(r)
-                waiting.remove(r)
+        chosen, waiting[:] = take_counts(waiting, stepper.admission(Counter(r.adapter for r in waiting)))
         inside.update(r.key for r in chosen)
         settle(stepper.admit(chosen))
 
